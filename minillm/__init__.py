@@ -1,0 +1,8 @@
+"""minillm: a Llama runtime in NumPy/CuPy built around LM-Infinite streaming."""
+
+from .errors import MiniLLMError, ModelFileError
+from .loader import Model, load
+from .session import Session
+
+__all__ = ["load", "Model", "Session", "MiniLLMError", "ModelFileError"]
+__version__ = "0.1.0"

@@ -1,0 +1,137 @@
+"""Λ-shaped attention with a distance ceiling (LM-Infinite), blocked over queries, GQA.
+
+For a query at position i and a key at position j <= i (DESIGN.md §1):
+
+    i - j < n_local      ->  <R(i) q, R(j) k> / sqrt(d)    local branch: ordinary RoPE
+    j < n_global         ->  <R(c) q,      k> / sqrt(d)    global branch: distance capped at c
+    otherwise            ->  masked
+
+A chunk of new tokens attends to [cache slots | its own keys]; all masks are pure functions of
+positions, computed once per chunk on the host and shared by every layer. Scores are built
+one block of queries at a time, so no score matrix grows with the stream. Prefill, decode and
+every preset run this same computation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cache import KVCache
+
+SCORE_BUDGET_BYTES = 64 << 20  # per query block: [heads, block, keys] float32 scores
+NEG_INF = np.float32(-np.inf)
+
+
+@dataclass
+class QueryBlock:
+    start: int            # query rows [start, stop) of the chunk
+    stop: int
+    n_cache: int          # cache slots [0, n_cache) scored
+    chunk_lo: int         # chunk keys [chunk_lo, stop) scored
+    cache_bias: object    # [block, n_cache] 0 / -inf (backend array)
+    chunk_bias: object    # [block, stop - chunk_lo]
+    capped: object        # [block, n_global] bool: global keys scored at the ceiling, or None
+
+
+@dataclass
+class ChunkPlan:
+    """Everything about a chunk that depends on positions only (shared by all layers)."""
+    positions: np.ndarray
+    blocks: list
+    write: tuple          # KVCache.write_plan(positions)
+
+    @property
+    def needs_capped(self) -> bool:
+        return any(b.capped is not None for b in self.blocks)
+
+
+def _allowed(i: np.ndarray, j: np.ndarray, n_local: int | None) -> np.ndarray:
+    """Local branch mask [len(i), len(j)]: causal and within the window."""
+    dist = i[:, None] - j[None, :]
+    ok = dist >= 0
+    return ok if n_local is None else ok & (dist < n_local)
+
+
+def _bias(allowed: np.ndarray, xp):
+    return xp.asarray(np.where(allowed, np.float32(0), NEG_INF))
+
+
+def plan_chunk(cache: KVCache, positions: np.ndarray, n_heads: int, xp) -> ChunkPlan:
+    """Split a chunk into query blocks and derive each block's masks from slot positions.
+
+    The caller guarantees a chunk never straddles n_global (positions all below it or all at
+    or above it), so the chunk's own keys are always scored on the local branch.
+    """
+    spec, n_q = cache.spec, len(positions)
+    n_used = cache.n_used
+    per_query = n_heads * (n_used + n_q) * 4
+    block = max(1, min(n_q, SCORE_BUDGET_BYTES // per_query))
+    slot_pos = cache.pos[:n_used]
+    blocks = []
+    for a in range(0, n_q, block):
+        b = min(n_q, a + block)
+        q_pos = positions[a:b]
+        # a block whose queries are all past the ring's reach needs only the global slots
+        ring_reach = spec.n_local is None or q_pos[0] - spec.n_local < cache.length
+        n_cache = n_used if ring_reach else min(n_used, spec.n_global)
+        cache_ok = _allowed(q_pos, slot_pos[:n_cache], spec.n_local)
+        capped = None
+        if spec.ceiling is not None and spec.n_global and n_cache:
+            g = slot_pos[:min(n_cache, spec.n_global)]
+            capped_np = ~cache_ok[:, :len(g)] & (q_pos[:, None] >= g[None, :])
+            cache_ok[:, :len(g)] |= capped_np
+            capped = xp.asarray(capped_np)
+        lo = 0 if spec.n_local is None else max(0, a - spec.n_local + 1)
+        chunk_ok = _allowed(q_pos, positions[lo:b], spec.n_local)
+        blocks.append(QueryBlock(a, b, n_cache, lo, _bias(cache_ok, xp), _bias(chunk_ok, xp), capped))
+    return ChunkPlan(positions, blocks, cache.write_plan(positions))
+
+
+def attend(q, q_capped, k, v, cache: KVCache, layer: int, plan: ChunkPlan, xp):
+    """Attention output [C, n_heads * head_dim] for one layer.
+
+    q:        [n_heads, C, d]  queries rotated at their positions, pre-scaled by 1/sqrt(d)
+    q_capped: [n_heads, C, d]  queries rotated at the ceiling c (pre-scaled), or None
+    k, v:     [kv_heads, C, d] the chunk's keys (rotated) and values
+    """
+    n_heads, n_q, d = q.shape
+    kv_heads = k.shape[0]
+    group = n_heads // kv_heads
+    q = q.reshape(kv_heads, group, n_q, d)
+    if q_capped is not None:
+        q_capped = q_capped.reshape(kv_heads, group, n_q, d)
+    k_cache, v_cache = cache.k[layer], cache.v[layer]  # [kv_heads, slots, d]
+    out = xp.empty((n_q, kv_heads, group, d), dtype=xp.float32)
+    for blk in plan.blocks:
+        a, b, lo, n = blk.start, blk.stop, blk.chunk_lo, blk.n_cache
+        rows = group * (b - a)
+        qb = q[:, :, a:b].reshape(kv_heads, rows, d)                        # rows: (group, query)
+        s_chunk = (qb @ k[:, lo:b].transpose(0, 2, 1)).reshape(kv_heads, group, b - a, b - lo)
+        s_chunk += blk.chunk_bias
+        m = s_chunk.max(axis=-1)
+        if n:
+            s_cache = (qb @ k_cache[:, :n].transpose(0, 2, 1)).reshape(kv_heads, group, b - a, n)
+            if blk.capped is not None:
+                n_g = blk.capped.shape[1]
+                qc = q_capped[:, :, a:b].reshape(kv_heads, rows, d)
+                s_cap = (qc @ cache.k_raw[layer][:, :n_g].transpose(0, 2, 1)).reshape(
+                    kv_heads, group, b - a, n_g)
+                s_cache[..., :n_g] = xp.where(blk.capped, s_cap, s_cache[..., :n_g])
+            s_cache += blk.cache_bias
+            m = xp.maximum(m, s_cache.max(axis=-1))
+        # one softmax over [cache | chunk] keys, without concatenating them
+        m = m[..., None]
+        s_chunk -= m
+        xp.exp(s_chunk, out=s_chunk)
+        z = s_chunk.sum(axis=-1)                                           # [kv, group, block]
+        o = s_chunk.reshape(kv_heads, rows, b - lo) @ v[:, lo:b]
+        if n:
+            s_cache -= m
+            xp.exp(s_cache, out=s_cache)
+            z += s_cache.sum(axis=-1)
+            o += s_cache.reshape(kv_heads, rows, n) @ v_cache[:, :n]
+        o = o.reshape(kv_heads, group, b - a, d) / z[..., None]
+        out[a:b] = o.transpose(2, 0, 1, 3)
+    return out.reshape(n_q, n_heads * d)

@@ -1,0 +1,137 @@
+"""The LM-Infinite KV cache: fixed global slots plus a ring of local slots, per layer.
+
+Slot layout along the sequence axis of every layer's arrays:
+
+    [ 0 .. n_global )                   the first n_global positions, kept forever
+    [ n_global .. n_global + n_local )  a ring: position j >= n_global lives in slot
+                                        n_global + (j - n_global) % n_local
+
+Each slot remembers its absolute position (`pos`, shared by all layers); masks and capped
+distances are derived from those positions, so the ring is never reordered. Keys are stored
+rotated at their absolute positions; the global keys are also kept un-rotated for the
+distance ceiling. `n_local=None` is the unbounded `full` preset: the arrays grow (doubling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import Config
+
+EMPTY = np.iinfo(np.int64).max  # position of an unused slot: in the future of every query
+FULL_INITIAL_SLOTS = 1024
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Which keys a query sees: see DESIGN.md §1."""
+    preset: str
+    n_global: int
+    n_local: int | None   # None: unbounded (full attention)
+    ceiling: int | None   # None: no capped-distance branch
+
+    @property
+    def bounded(self) -> bool:
+        return self.n_local is not None
+
+
+PRESETS = ("lminfinite", "window", "full")
+
+
+def attention_spec(cfg: Config, attention: str = "lminfinite", n_global: int | None = None,
+                   n_local: int | None = None, ceiling: int | None = None) -> AttentionSpec:
+    """Resolve a preset and its overrides into an AttentionSpec (ValueError on bad values)."""
+    if attention not in PRESETS:
+        raise ValueError(f"unknown attention preset {attention!r} (choose from {', '.join(PRESETS)})")
+    if attention == "full":
+        return AttentionSpec("full", 0, None, None)
+    n_local = cfg.max_position_embeddings if n_local is None else int(n_local)
+    if n_local < 1:
+        raise ValueError(f"n_local must be at least 1 (got {n_local})")
+    if attention == "window":
+        if n_global:
+            raise ValueError("the window preset keeps no global tokens (n_global must be 0)")
+        return AttentionSpec("window", 0, n_local, None)
+    n_global = 10 if n_global is None else int(n_global)
+    ceiling = n_local if ceiling is None else int(ceiling)
+    if not 0 <= n_global <= n_local:
+        raise ValueError(f"n_global must be between 0 and n_local ({n_local}), got {n_global}")
+    if ceiling < 0:
+        raise ValueError(f"ceiling must be non-negative (got {ceiling})")
+    return AttentionSpec("lminfinite", n_global, n_local, ceiling)
+
+
+class KVCache:
+    def __init__(self, cfg: Config, spec: AttentionSpec, xp):
+        self.spec, self.xp = spec, xp
+        n_slots = spec.n_global + spec.n_local if spec.bounded else FULL_INITIAL_SLOTS
+        shape = (cfg.num_hidden_layers, cfg.n_kv_heads, n_slots, cfg.head_dim)
+        self.k = xp.zeros(shape, dtype=xp.float32)  # rotated keys
+        self.v = xp.zeros(shape, dtype=xp.float32)
+        raw_shape = (cfg.num_hidden_layers, cfg.n_kv_heads, spec.n_global, cfg.head_dim)
+        self.k_raw = xp.zeros(raw_shape, dtype=xp.float32)  # un-rotated global keys
+        self.pos = np.full(n_slots, EMPTY, dtype=np.int64)
+        self.length = 0  # positions written so far
+
+    @property
+    def n_slots(self) -> int:
+        return self.pos.shape[0]
+
+    @property
+    def n_used(self) -> int:
+        """Slots [0, n_used) hold data: global and ring slots fill in order until the ring wraps."""
+        return min(self.length, self.n_slots)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.nbytes + self.v.nbytes + self.k_raw.nbytes + self.pos.nbytes)
+
+    def slot_of(self, positions: np.ndarray) -> np.ndarray:
+        g, n = self.spec.n_global, self.spec.n_local
+        if n is None:
+            return positions
+        return np.where(positions < g, positions, g + (positions - g) % n)
+
+    def reserve(self, end: int) -> None:
+        """Unbounded cache only: grow (doubling) so that positions < end fit."""
+        if self.spec.bounded or end <= self.n_slots:
+            return
+        size = max(end, 2 * self.n_slots)
+        xp, old = self.xp, self.n_slots
+        for name in ("k", "v"):
+            a = getattr(self, name)
+            grown = xp.zeros(a.shape[:2] + (size,) + a.shape[3:], dtype=a.dtype)
+            grown[:, :, :old] = a
+            setattr(self, name, grown)
+        self.pos = np.concatenate([self.pos, np.full(size - old, EMPTY, dtype=np.int64)])
+
+    def write_plan(self, positions: np.ndarray):
+        """Which chunk rows go to which slots: all global positions, and the newest ring ones."""
+        slots = self.slot_of(positions)
+        keep = np.ones(len(positions), dtype=bool)
+        if self.spec.bounded:
+            ring = np.flatnonzero(positions >= self.spec.n_global)
+            keep[ring[:-self.spec.n_local]] = False  # overwritten within this chunk anyway
+        rows = np.flatnonzero(keep)
+        glob = np.flatnonzero(positions[rows] < self.spec.n_global)
+        return rows, slots[rows], rows[glob], slots[rows][glob]
+
+    def write(self, layer: int, plan, k_rot, k_raw, v) -> None:
+        """Store one layer's chunk keys/values ([kv_heads, C, head_dim]) in their slots."""
+        rows, slots, g_rows, g_slots = plan
+        self.k[layer][:, slots] = k_rot[:, rows]
+        self.v[layer][:, slots] = v[:, rows]
+        if len(g_rows):
+            self.k_raw[layer][:, g_slots] = k_raw[:, g_rows]
+
+    def commit(self, positions: np.ndarray, plan) -> None:
+        """After all layers have written: the slots now hold these positions."""
+        _, slots, _, _ = plan
+        self.pos[slots] = positions[plan[0]]
+        self.length = int(positions[-1]) + 1
+
+    def reset(self) -> None:
+        self.pos[:] = EMPTY
+        self.length = 0

@@ -1,0 +1,129 @@
+"""A session: the cache plus the position, fed with tokens chunk by chunk.
+
+The session is the only state: feeding a text in chunks of 1, 7, 512 or all at once gives the
+same results (to float32 rounding), because every chunk runs the same masked attention over
+[cache | chunk] and the cache holds exactly the keys LM-Infinite attends to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+
+import numpy as np
+
+from .backend import to_host
+from .cache import AttentionSpec, KVCache, attention_spec
+from .errors import MiniLLMError
+from .model import forward, lm_head
+
+LOGITS_MODES = ("all", "last", "none")
+NLL_ROWS = 128  # logits rows materialised at once when scoring: [128, vocab] float32
+
+
+class AttentionWarning(UserWarning):
+    """A setting that works but leaves LM-Infinite's guarantees (growing memory, unseen distances)."""
+
+
+def _log_softmax_pick(logits, targets, xp):
+    """-log p(target) per row of logits [N, V], computed stably in float32."""
+    m = logits.max(axis=-1, keepdims=True)
+    lse = xp.log(xp.exp(logits - m).sum(axis=-1)) + m[:, 0]
+    return lse - logits[xp.arange(len(targets)), targets]
+
+
+class Session:
+    def __init__(self, model, attention: str = "lminfinite", n_global: int | None = None,
+                 n_local: int | None = None, ceiling: int | None = None):
+        cfg = model.config
+        self.model = model
+        self.spec: AttentionSpec = attention_spec(cfg, attention, n_global, n_local, ceiling)
+        if self.spec.preset == "full":
+            warnings.warn("attention 'full' keeps every key: memory and time per token grow "
+                          "with the stream", AttentionWarning, stacklevel=2)
+        elif self.spec.n_local > cfg.max_position_embeddings:
+            warnings.warn(f"n_local {self.spec.n_local} exceeds the training length "
+                          f"{cfg.max_position_embeddings}: the model will see distances it was "
+                          f"never trained on", AttentionWarning, stacklevel=2)
+        self.cache = KVCache(cfg, self.spec, model.xp)
+        self._last_hidden = None  # [D] final hidden state of the newest token: predicts the next
+
+    @property
+    def position(self) -> int:
+        """Tokens fed so far."""
+        return self.cache.length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array the session holds (constant for bounded presets)."""
+        extra = 0 if self._last_hidden is None else self._last_hidden.nbytes
+        return self.cache.nbytes + extra
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self._last_hidden = None
+
+    def _chunks(self, n: int, chunk_size: int):
+        """[start, stop) row ranges of at most chunk_size that never straddle n_global."""
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1 (got {chunk_size})")
+        start, g = 0, self.spec.n_global - self.position
+        while start < n:
+            stop = min(n, start + chunk_size)
+            if start < g < stop:
+                stop = g
+            yield start, stop
+            start = stop
+
+    def _advance(self, ids: np.ndarray, chunk_size: int):
+        """Run the model over ids chunk by chunk, yielding (start, stop, hidden [C, D])."""
+        m = self.model
+        for a, b in self._chunks(len(ids), chunk_size):
+            positions = np.arange(self.position, self.position + b - a, dtype=np.int64)
+            h = forward(m.weights, m.config, ids[a:b], positions, self.cache, m.freq, m.xp)
+            self._last_hidden = h[-1]
+            yield a, b, h
+
+    def _ids(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.model.config.vocab_size):
+            raise MiniLLMError(f"token id out of range [0, {self.model.config.vocab_size})")
+        return ids
+
+    def feed(self, ids, chunk_size: int = 512, logits: str = "all"):
+        """Advance by ids; return host float32 logits: [len(ids), V], [V] or None."""
+        if logits not in LOGITS_MODES:
+            raise ValueError(f"logits must be one of {LOGITS_MODES} (got {logits!r})")
+        ids = self._ids(ids)
+        out = np.empty((len(ids), self.model.config.vocab_size), np.float32) if logits == "all" else None
+        for a, b, h in self._advance(ids, chunk_size):
+            if logits == "all":
+                out[a:b] = to_host(lm_head(h, self.model.weights))
+        if logits == "last":
+            if self._last_hidden is None:
+                raise ValueError("no token has been fed yet")
+            return to_host(lm_head(self._last_hidden[None], self.model.weights))[0]
+        return out
+
+    def nll(self, ids, chunk_size: int = 512) -> np.ndarray:
+        """NLL (nats) of each token given everything before it in the session; nan for position 0.
+
+        Logits are materialised NLL_ROWS rows at a time, never as a [len(ids), V] array.
+        """
+        ids = self._ids(ids)
+        xp, w = self.model.xp, self.model.weights
+        out = np.full(len(ids), np.nan, dtype=np.float32)
+        prev = self._last_hidden
+        for a, b, h in self._advance(ids, chunk_size):
+            # states[r] predicts token first + r
+            states = h[:-1] if prev is None else xp.concatenate([prev[None], h[:-1]])
+            first = a if prev is not None else a + 1
+            for r in range(0, len(states), NLL_ROWS):
+                rows = states[r:r + NLL_ROWS]
+                t0 = first + r
+                targets = xp.asarray(ids[t0:t0 + len(rows)])
+                out[t0:t0 + len(rows)] = to_host(_log_softmax_pick(lm_head(rows, w), targets, xp))
+            prev = h[-1]
+        return out
