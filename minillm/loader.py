@@ -88,6 +88,14 @@ def build_tokenizer(src, cfg: Config, name: str) -> Tokenizer:
     return tok
 
 
+def stored_dtype(src) -> str:
+    """The dtypes the weights are stored in, e.g. "F32" or "BF16,F32"."""
+    files = [src.file] if isinstance(src, SingleFileSource) else getattr(src, "_files", None)
+    if not files:
+        return "GGUF (dequantized to F32)"
+    return ",".join(sorted({f.dtype(k) for f in files for k in f.entries}))
+
+
 class Model:
     """A loaded model: config, tokenizer, weights on a backend. Math lives in minillm.model."""
 
@@ -99,6 +107,7 @@ class Model:
         self.config = Config.from_dict(src.config, source=name)
         self.tokenizer = build_tokenizer(src, self.config, name)
         self.chat_template: str | None = src.chat_template
+        self.stored_dtype = stored_dtype(src)
         self.weights = load_weights(src, self.config, self.xp, name)
         self.freq = inv_freq(self.config)  # float64 RoPE inverse frequencies
         self.eos_ids = frozenset(self.config.eos_token_id) | (

@@ -1,0 +1,90 @@
+"""The `minillm` command line: a thin click layer over the library."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from minillm.generate import generate_text
+
+from .common import (backend_options, load_model, model_argument, reports_errors,
+                     sampling_options, sampling_params, setup_process)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="minillm")
+def cli():
+    """minillm: run Llama models in NumPy/CuPy over streams of any length (LM-Infinite).
+
+    MODEL is minillm's single .safetensors file (see `minillm convert`), a Hugging Face
+    folder, or a GGUF file.
+    """
+    setup_process()
+
+
+@cli.command()
+@model_argument
+@click.option("-p", "--prompt", required=True, help="The text to continue (special tokens such as "
+              "<|im_start|> are parsed).")
+@sampling_options
+@backend_options
+@reports_errors
+def generate(model, prompt, backend, threads, **kw):
+    """Stream a raw completion of PROMPT to stdout."""
+    if not prompt:
+        raise click.BadParameter("the prompt is empty", param_hint="'-p' / '--prompt'")
+    params = sampling_params(kw)
+    m = load_model(model, backend, threads)
+    ids = m.tokenizer.encode(prompt, special=True)
+    session = m.session()
+    for piece in generate_text(m, session, ids, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@cli.command()
+@model_argument
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@backend_options
+@reports_errors
+def info(model, as_json, backend, threads):
+    """Print the model's config, parameter count, stored dtype and memory needed."""
+    from minillm.info import model_info
+
+    m = load_model(model, backend, threads)
+    report = model_info(m)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    for key, value in report.items():
+        click.echo(f"{key:>28}: {value}")
+
+
+@cli.command()
+@click.argument("src", type=click.Path(exists=True, dir_okay=True, path_type=str))
+@click.argument("out", type=click.Path(dir_okay=False, writable=True, path_type=str))
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Stored dtype (float32 is memory-mapped without a copy).")
+@reports_errors
+def convert(src, out, dtype):
+    """Convert a GGUF file or a Hugging Face folder SRC into one self-contained OUT.safetensors."""
+    from minillm.convert import convert as run_convert
+
+    start = time.perf_counter()
+    click.echo(f"converting {src} -> {out} ({dtype})", err=True)
+    run_convert(src, out, dtype=dtype)
+    size = os.path.getsize(out) / 1e6
+    click.echo(f"wrote {out} ({size:.1f} MB) in {time.perf_counter() - start:.1f} s", err=True)
+
+
+def main():
+    cli(prog_name="minillm")
+
+
+if __name__ == "__main__":
+    main()

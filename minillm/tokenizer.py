@@ -1,0 +1,250 @@
+"""Text <-> token ids: one interface over a `tokenizers` (tokenizer.json) or a SentencePiece backend.
+
+Host-only code: ids are plain Python ints. BOS is prepended only when the tokenizer's own config
+asks for it (`add_bos_token`); EOS is never appended by encode().
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .errors import ModelFileError
+
+_REPLACEMENT = "\ufffd"
+# An incomplete UTF-8 character spans at most 3 pending bytes, each in its own token at worst; past
+# this many held-back ids a trailing U+FFFD is real text (or undecodable bytes) and is let through.
+_MAX_PENDING = 8
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _config_token(config: dict, key: str) -> str | None:
+    """A token string from tokenizer_config.json, where it is either a string or {"content": ...}."""
+    value = config.get(key)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class _HFBackend:
+    """A `tokenizers.Tokenizer`; a second copy encodes with special tokens treated as plain text."""
+
+    def __init__(self, json_text: str):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            self._parsing = HFTokenizer.from_str(json_text)
+            self._literal = HFTokenizer.from_str(json_text)
+        except Exception as err:  # the Rust side raises a bare Exception on bad JSON or schema
+            raise ModelFileError(f"invalid tokenizer.json: {_one_line(err)}") from None
+        self._literal.encode_special_tokens = True
+        vocab = self._parsing.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values(), default=-1) + 1
+        decoder = self._parsing.get_added_tokens_decoder()
+        self.special_ids = frozenset(i for i, tok in decoder.items() if tok.special)
+        self.default_bos, self.default_eos = self._post_processor_bos(json_text), None
+
+    def _post_processor_bos(self, json_text: str) -> int | None:
+        """The id a TemplateProcessing post-processor puts before the text (Llama 3 style), if any."""
+        post = json.loads(json_text).get("post_processor") or {}
+        if post.get("type") != "TemplateProcessing":
+            return None
+        first = (post.get("single") or [{}])[0]
+        if "SpecialToken" not in first:
+            return None
+        return self.token_to_id(first["SpecialToken"]["id"])
+
+    def encode(self, text: str, special: bool) -> list[int]:
+        backend = self._parsing if special else self._literal
+        return backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        return self._parsing.decode(ids, skip_special_tokens=skip_special)
+
+    def token_to_id(self, s: str) -> int | None:
+        return self._parsing.token_to_id(s)
+
+
+class _SPBackend:
+    """A SentencePiece model. It never parses control tokens in text, so special=True splits them out."""
+
+    def __init__(self, model_bytes: bytes):
+        import sentencepiece
+
+        self._sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(model_bytes)
+        except Exception as err:
+            raise ModelFileError(f"invalid SentencePiece model: {_one_line(err)}") from None
+        self.vocab_size = self._sp.get_piece_size()
+        self.special_ids = frozenset(i for i in range(self.vocab_size) if self._sp.is_control(i))
+        pieces = sorted(filter(None, map(self._sp.id_to_piece, self.special_ids)), key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, pieces))) if pieces else None
+        self.default_bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.default_eos = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+
+    def encode(self, text: str, special: bool) -> list[int]:
+        if not special or self._special_re is None:
+            return self._sp.encode(text)
+        ids, start = [], 0
+        for match in self._special_re.finditer(text):
+            if match.start() > start:
+                ids += self._sp.encode(text[start : match.start()])
+            ids.append(self._sp.piece_to_id(match.group()))
+            start = match.end()
+        if start < len(text):
+            ids += self._sp.encode(text[start:])
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        # sentencepiece drops control ids silently; write them out between decoded runs instead.
+        parts, run = [], []
+        for i in ids:
+            if i not in self.special_ids:
+                run.append(i)
+            elif not skip_special:
+                parts += [self._sp.decode(run), self._sp.id_to_piece(i)]
+                run = []
+        parts.append(self._sp.decode(run))
+        return "".join(parts)
+
+    def token_to_id(self, s: str) -> int | None:
+        i = self._sp.piece_to_id(s)
+        return i if self._sp.id_to_piece(i) == s else None  # unknown pieces map to <unk>
+
+
+class Tokenizer:
+    """encode/decode with the model's own rules; see DESIGN.md §6 (Tokenization)."""
+
+    def __init__(self, backend, add_bos: bool, bos_id: int | None, eos_id: int | None):
+        self._backend = backend
+        self.vocab_size: int = backend.vocab_size
+        self.special_ids: frozenset[int] = backend.special_ids
+        self.add_bos = add_bos
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        if add_bos and bos_id is None:
+            raise ModelFileError("the tokenizer config asks for a BOS token but names none")
+
+    @classmethod
+    def _build(cls, backend, config: dict | None, add_bos_default: bool, bos_id, eos_id) -> Tokenizer:
+        config = config or {}
+
+        def config_id(key: str, default: int | None) -> int | None:
+            token = _config_token(config, key)
+            found = backend.token_to_id(token) if token is not None else None
+            return found if found is not None else default
+
+        bos = bos_id if bos_id is not None else config_id("bos_token", backend.default_bos)
+        eos = eos_id if eos_id is not None else config_id("eos_token", backend.default_eos)
+        add_bos = config.get("add_bos_token")
+        add_bos = add_bos_default if add_bos is None else bool(add_bos)
+        return cls(backend, add_bos, bos, eos)
+
+    @classmethod
+    def from_tokenizer_json(
+        cls, json_text: str, tokenizer_config: dict | None = None, *, bos_id=None, eos_id=None
+    ) -> Tokenizer:
+        backend = _HFBackend(json_text)
+        # Without a config, BOS is added only where the tokenizer.json's own post-processor adds it.
+        return cls._build(backend, tokenizer_config, backend.default_bos is not None, bos_id, eos_id)
+
+    @classmethod
+    def from_sentencepiece(
+        cls, model_bytes: bytes, tokenizer_config: dict | None = None, *, bos_id=None, eos_id=None
+    ) -> Tokenizer:
+        backend = _SPBackend(model_bytes)
+        return cls._build(backend, tokenizer_config, backend.default_bos is not None, bos_id, eos_id)
+
+    @classmethod
+    def from_folder(cls, folder, *, bos_id=None, eos_id=None) -> Tokenizer:
+        """A Hugging Face folder: tokenizer.json (preferred) or tokenizer.model, tokenizer_config.json."""
+        folder = Path(folder)
+        config_path = folder / "tokenizer_config.json"
+        try:
+            config = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else None
+        except (OSError, ValueError) as err:
+            raise ModelFileError(f"{config_path}: unreadable tokenizer config: {_one_line(err)}") from None
+        for name, build in (("tokenizer.json", cls._json_file), ("tokenizer.model", cls._sp_file)):
+            path = folder / name
+            if path.is_file():
+                try:
+                    return build(path, config, bos_id, eos_id)
+                except ModelFileError as err:
+                    raise ModelFileError(f"{path}: {err}") from None
+                except OSError as err:
+                    raise ModelFileError(f"{path}: cannot read: {_one_line(err)}") from None
+        raise ModelFileError(f"{folder}: no tokenizer.json or tokenizer.model")
+
+    @classmethod
+    def _json_file(cls, path: Path, config, bos_id, eos_id) -> Tokenizer:
+        try:
+            text = path.read_text("utf-8")
+        except UnicodeDecodeError:
+            raise ModelFileError("invalid tokenizer.json: not UTF-8 text") from None
+        return cls.from_tokenizer_json(text, config, bos_id=bos_id, eos_id=eos_id)
+
+    @classmethod
+    def _sp_file(cls, path: Path, config, bos_id, eos_id) -> Tokenizer:
+        return cls.from_sentencepiece(path.read_bytes(), config, bos_id=bos_id, eos_id=eos_id)
+
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """Token ids of `text`; special=True turns special-token strings in it into their ids."""
+        ids = self._backend.encode(text, special)
+        return [self.bos_id] + ids if self.add_bos else ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self._backend.decode([int(i) for i in ids], skip_special)
+
+    def token_to_id(self, s: str) -> int | None:
+        return self._backend.token_to_id(s)
+
+    def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special)
+
+
+class StreamDecoder:
+    """Turns ids arriving one at a time into text, never emitting half a character.
+
+    The ids already emitted are kept as decoding context (a whole previous step), so a piece's
+    leading space decodes as it would mid-text; the window is trimmed at every emission.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+        self._decode = lambda ids: tokenizer.decode(ids, skip_special)
+        self._ids: list[int] = []  # context ids, then ids not yet emitted
+        self._n_context = 0
+        self._context_text = ""
+
+    def add(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        text = self._decode(self._ids)
+        pending = len(self._ids) - self._n_context
+        complete = len(text) > len(self._context_text) and not text.endswith(_REPLACEMENT)
+        if not complete and pending <= _MAX_PENDING:
+            return ""
+        new = text[len(self._context_text) :]
+        self._ids = self._ids[self._n_context :]
+        self._n_context = len(self._ids)
+        self._context_text = self._decode(self._ids)
+        return new
+
+    def flush(self) -> str:
+        """The held-back rest (incomplete bytes decode as U+FFFD); the decoder then starts afresh."""
+        new = self._decode(self._ids)[len(self._context_text) :]
+        self._ids, self._n_context, self._context_text = [], 0, ""
+        return new
+
+
+def check_vocab(tokenizer: Tokenizer, n_embeddings: int) -> None:
+    """Refuse a tokenizer that can produce ids the model has no embedding row for."""
+    if tokenizer.vocab_size > n_embeddings:
+        raise ModelFileError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model has only "
+            f"{n_embeddings} embedding rows: they do not belong together"
+        )
