@@ -7,9 +7,6 @@ same results (to float32 rounding), because every chunk runs the same masked att
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import warnings
 
 import numpy as np

