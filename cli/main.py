@@ -82,6 +82,15 @@ def convert(src, out, dtype):
     click.echo(f"wrote {out} ({size:.1f} MB) in {time.perf_counter() - start:.1f} s", err=True)
 
 
+from .chat import chat as _chat  # noqa: E402
+cli.add_command(_chat)
+
+
+from .score import score  # noqa: E402
+
+cli.add_command(score)
+
+
 def main():
     cli(prog_name="minillm")
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import warnings
 
 import numpy as np
 
-from .backend import get_backend
+from .backend import get_backend, to_host
 from .config import Config
 from .errors import ModelFileError
 from .rope import inv_freq
@@ -96,6 +97,14 @@ def stored_dtype(src) -> str:
     return ",".join(sorted({f.dtype(k) for f in files for k in f.entries}))
 
 
+def fingerprint(cfg: Config, weights) -> str:
+    """A short identity of the model, for checkpoints: config plus a sample of the weights."""
+    h = hashlib.sha256(cfg.to_json().encode())
+    h.update(np.ascontiguousarray(weights.embed[:8]).tobytes())
+    h.update(np.ascontiguousarray(to_host(weights.norm)).tobytes())
+    return h.hexdigest()[:16]
+
+
 class Model:
     """A loaded model: config, tokenizer, weights on a backend. Math lives in minillm.model."""
 
@@ -109,6 +118,7 @@ class Model:
         self.chat_template: str | None = src.chat_template
         self.stored_dtype = stored_dtype(src)
         self.weights = load_weights(src, self.config, self.xp, name)
+        self.fingerprint = fingerprint(self.config, self.weights)
         self.freq = inv_freq(self.config)  # float64 RoPE inverse frequencies
         self.eos_ids = frozenset(self.config.eos_token_id) | (
             {self.tokenizer.eos_id} if self.tokenizer.eos_id is not None else set())

@@ -7,17 +7,43 @@ same results (to float32 rounding), because every chunk runs the same masked att
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import threading
 import warnings
 
 import numpy as np
 
-from .backend import to_host
+from .backend import to_device, to_host
 from .cache import AttentionSpec, KVCache, attention_spec
 from .errors import MiniLLMError
 from .model import forward, lm_head
 
 LOGITS_MODES = ("all", "last", "none")
 NLL_ROWS = 128  # logits rows materialised at once when scoring: [128, vocab] float32
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold Ctrl-C until a chunk is fully written, so an interrupt never leaves a half-updated
+    cache (the layers written, the positions not). The signal is re-delivered afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, received[0])
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
 
 
 class AttentionWarning(UserWarning):
@@ -79,8 +105,9 @@ class Session:
         m = self.model
         for a, b in self._chunks(len(ids), chunk_size):
             positions = np.arange(self.position, self.position + b - a, dtype=np.int64)
-            h = forward(m.weights, m.config, ids[a:b], positions, self.cache, m.freq, m.xp)
-            self._last_hidden = h[-1]
+            with _sigint_deferred():
+                h = forward(m.weights, m.config, ids[a:b], positions, self.cache, m.freq, m.xp)
+                self._last_hidden = h[-1]
             yield a, b, h
 
     def _ids(self, ids) -> np.ndarray:
@@ -124,3 +151,50 @@ class Session:
                 out[t0:t0 + len(rows)] = to_host(_log_softmax_pick(lm_head(rows, w), targets, xp))
             prev = h[-1]
         return out
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def save(self, path: str, extra: str = "") -> None:
+        """Write the session (only the cache slots in use) atomically: temp file, then rename."""
+        n = self.cache.n_used
+        arrays = {
+            "k": to_host(self.cache.k[:, :, :n]), "v": to_host(self.cache.v[:, :, :n]),
+            "k_raw": to_host(self.cache.k_raw), "pos": self.cache.pos[:n],
+            "last_hidden": (to_host(self._last_hidden) if self._last_hidden is not None
+                            else np.zeros(0, np.float32)),
+        }
+        meta = {"format": 1, "model": self.model.fingerprint, "spec": dataclasses.asdict(self.spec),
+                "length": self.cache.length, "extra": extra}
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: str, model) -> tuple["Session", str]:
+        """A saved session for `model`, and the caller's `extra` string. Refuses other models."""
+        try:
+            with np.load(path) as f:
+                meta = json.loads(f["meta"].tobytes())
+                arrays = {k: f[k] for k in ("k", "v", "k_raw", "pos", "last_hidden")}
+        except (OSError, ValueError, KeyError) as e:
+            raise MiniLLMError(f"{path}: not a minillm checkpoint ({e})") from None
+        if meta.get("model") != model.fingerprint:
+            raise MiniLLMError(f"{path}: the checkpoint was made with another model")
+        spec = meta["spec"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AttentionWarning)
+            s = cls(model, spec["preset"], spec["n_global"], spec["n_local"], spec["ceiling"])
+        n, xp = len(arrays["pos"]), model.xp
+        s.cache.reserve(n)
+        s.cache.k[:, :, :n] = to_device(xp, arrays["k"])
+        s.cache.v[:, :, :n] = to_device(xp, arrays["v"])
+        s.cache.k_raw[...] = to_device(xp, arrays["k_raw"])
+        s.cache.pos[:n] = arrays["pos"]
+        s.cache.length = int(meta["length"])
+        if arrays["last_hidden"].size:
+            s._last_hidden = to_device(xp, arrays["last_hidden"])
+        return s, meta["extra"]

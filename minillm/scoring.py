@@ -1,0 +1,208 @@
+"""Scoring a byte stream of any length: per-token NLL in constant memory, resumable.
+
+The stream is read and tokenized piece by piece (minillm.textstream), fed through a session in
+chunks, and summed. A checkpoint holds the session, the running sums and where in the input
+the next token comes from, so an interrupted run continues to the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import dataclasses
+from dataclasses import asdict, dataclass
+from typing import BinaryIO, Callable
+
+import numpy as np
+
+from .errors import MiniLLMError
+from .session import Session
+from .textstream import read_pieces
+
+CHECK_WINDOW = 1 << 20  # the last bytes before the resume point, hashed to recognise the input
+
+
+@dataclass
+class ScoreStats:
+    tokens: int = 0          # tokens read and fed
+    predicted: int = 0       # tokens with an NLL (all but a first token without BOS)
+    total_nll: float = 0.0   # nats
+    n_bytes: int = 0         # UTF-8 bytes of the scored text
+    seconds: float = 0.0
+
+    @property
+    def mean_nll(self) -> float:
+        return self.total_nll / self.predicted if self.predicted else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll) if self.predicted else float("nan")
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.total_nll / math.log(2) / self.n_bytes if self.n_bytes else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict:
+        return {"tokens": self.tokens, "mean_nll": self.mean_nll, "perplexity": self.perplexity,
+                "bits_per_byte": self.bits_per_byte, "seconds": self.seconds,
+                "tokens_per_second": self.tokens_per_second, "predicted": self.predicted,
+                "bytes": self.n_bytes}
+
+
+@dataclass
+class InputPosition:
+    """Where the next token comes from: the piece starting at `piece_start`, after `skip` ids."""
+    piece_start: int = 0
+    skip: int = 0
+    window_sha256: str = hashlib.sha256(b"").hexdigest()  # of the CHECK_WINDOW bytes before it
+
+
+class Scorer:
+    """Feeds a stream through a session and keeps the sums; `stats` is valid between chunks."""
+
+    def __init__(self, session: Session, chunk_size: int = 512, max_tokens: int | None = None):
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
+        self.session, self.chunk_size, self.max_tokens = session, chunk_size, max_tokens
+        self.tokenizer = session.model.tokenizer
+        self.stats = ScoreStats()
+        self.at = InputPosition()
+        self._tail = b""  # recent input bytes before the current piece (bounded)
+        self._piece_ids = None  # ids of a piece being scored
+        self.notes: dict = {}  # the caller's own state, saved with checkpoints
+
+    def settings(self) -> dict:
+        """What a checkpoint must agree on to be resumed."""
+        return {"spec": asdict(self.session.spec), "chunk_size": self.chunk_size,
+                "model": self.session.model.fingerprint}
+
+    def run(self, stream: BinaryIO, on_chunk: Callable | None = None,
+            stop: Callable[[], bool] = lambda: False) -> ScoreStats:
+        """Score until EOF, max_tokens or stop(); on_chunk(scorer, first_position, ids, nll)."""
+        start_time = time.perf_counter() - self.stats.seconds
+        skip = self.at.skip
+        pieces = read_pieces(stream, start=self.at.piece_start)
+        for piece in pieces:
+            ids = self.tokenizer.encode_continuation(piece.text, first=piece.start == 0)
+            self.at = InputPosition(piece.start, skip, hashlib.sha256(self._tail).hexdigest())
+            done = self._score_piece(piece, ids, skip, on_chunk, stop, start_time)
+            skip = max(0, skip - len(ids))
+            if not done:
+                break
+            self._tail = (self._tail + piece.raw)[-CHECK_WINDOW:]
+        self.stats.seconds = time.perf_counter() - start_time
+        return self.result()
+
+    def _score_piece(self, piece, ids, skip, on_chunk, stop, start_time) -> bool:
+        """Feed one piece's ids (after `skip` already fed); False when the run should stop."""
+        st = self.stats
+        self._piece_ids = ids
+        a = min(skip, len(ids))
+        while a < len(ids):
+            if stop() or (self.max_tokens is not None and st.tokens >= self.max_tokens):
+                return False
+            b = min(len(ids), a + self.chunk_size)
+            if self.max_tokens is not None:
+                b = min(b, a + self.max_tokens - st.tokens)
+            first = self.session.position
+            nll = self.session.nll(ids[a:b], chunk_size=self.chunk_size)
+            st.tokens += b - a
+            st.predicted += int(np.count_nonzero(~np.isnan(nll)))
+            st.total_nll += float(np.nansum(nll, dtype=np.float64))
+            self.at.skip = a = b
+            st.seconds = time.perf_counter() - start_time
+            if on_chunk:
+                on_chunk(self, first, ids[b - len(nll):b], nll)
+        st.n_bytes += len(piece.text.encode("utf-8"))  # bytes count once a piece is complete
+        self._piece_ids = None
+        return True
+
+    def result(self) -> ScoreStats:
+        """The stats, with the bytes of a piece that was only partly scored."""
+        st = dataclasses.replace(self.stats)
+        if self._piece_ids is not None and self.at.skip:
+            st.n_bytes += len(self.tokenizer.decode(self._piece_ids[:self.at.skip]).encode("utf-8"))
+        return st
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        state = {"settings": self.settings(), "stats": asdict(self.stats), "at": asdict(self.at),
+                 "notes": self.notes}
+        self.session.save(path, extra=json.dumps(state))
+
+    @classmethod
+    def resume(cls, path: str, model, spec, chunk_size: int = 512,
+               max_tokens: int | None = None) -> "Scorer":
+        """A scorer continuing a checkpoint; refused unless made with the same model and settings."""
+        session, extra = Session.load(path, model)
+        state = json.loads(extra)
+        scorer = cls(session, chunk_size, max_tokens)
+        want = {"spec": asdict(spec), "chunk_size": chunk_size, "model": model.fingerprint}
+        if state.get("settings") != want:
+            raise MiniLLMError(f"{path}: the checkpoint was made with other settings "
+                               f"({json.dumps(state.get('settings'))})")
+        scorer.stats = ScoreStats(**state["stats"])
+        scorer.at = InputPosition(**state["at"])
+        scorer.notes = state.get("notes", {})
+        return scorer
+
+    def seek_input(self, stream: BinaryIO, seekable: bool) -> None:
+        """Position `stream` at the resume point, checking it holds the text scored before."""
+        start = self.at.piece_start
+        lo = max(0, start - CHECK_WINDOW)
+        if seekable:
+            stream.seek(lo)
+        else:
+            _discard(stream, lo)
+        window = stream.read(start - lo)
+        if len(window) != start - lo or hashlib.sha256(window).hexdigest() != self.at.window_sha256:
+            raise MiniLLMError("the input does not continue the text the checkpoint scored "
+                               f"(its first {start} bytes differ)")
+        self._tail = window
+
+
+def _discard(stream: BinaryIO, n: int) -> None:
+    while n > 0:
+        data = stream.read(min(n, 1 << 20))
+        if not data:
+            raise MiniLLMError(f"the input is shorter than the checkpoint's {n} bytes")
+        n -= len(data)
+
+
+class NLLCurve:
+    """Mean NLL in log-spaced position buckets: O(log n) memory for a stream of n tokens."""
+
+    PER_OCTAVE = 8
+
+    def __init__(self):
+        self.sums: dict[int, float] = {}
+        self.counts: dict[int, int] = {}
+
+    def add(self, first_position: int, nll: np.ndarray) -> None:
+        pos = np.arange(first_position, first_position + len(nll))
+        ok = ~np.isnan(nll) & (pos > 0)
+        if not ok.any():
+            return
+        buckets = np.floor(np.log2(pos[ok]) * self.PER_OCTAVE).astype(np.int64)
+        for b, total, count in zip(*_group_sums(buckets, nll[ok].astype(np.float64))):
+            self.sums[b] = self.sums.get(b, 0.0) + total
+            self.counts[b] = self.counts.get(b, 0) + count
+
+    def points(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket centre positions, mean NLL) in position order."""
+        keys = sorted(self.sums)
+        centres = np.array([2 ** ((k + 0.5) / self.PER_OCTAVE) for k in keys])
+        means = np.array([self.sums[k] / self.counts[k] for k in keys])
+        return centres, means
+
+
+def _group_sums(keys: np.ndarray, values: np.ndarray):
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    return uniq.tolist(), np.bincount(inverse, weights=values).tolist(), \
+        np.bincount(inverse).tolist()
