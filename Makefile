@@ -1,0 +1,38 @@
+# minillm: `make demo` sets up and runs the main job on the real model; `make test` runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MODEL  := weights/smollm2-135m-instruct.safetensors
+STDLIB  = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+
+.PHONY: demo test weights install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# tests add transformers + torch (CPU) as the oracle; the runtime never needs them
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(MODEL): $(VENV)/.installed
+	bash weights/build_smollm2.sh $(BIN)/python
+
+weights: $(MODEL)
+
+demo: $(MODEL)
+	@echo "== minillm score: the Python standard library's source read as one stream, well past the 8K training length =="
+	cat $(STDLIB)/*.py | $(BIN)/minillm score $(MODEL) --max-tokens 20000 --progress
+	@echo
+	@echo "== minillm chat (piped: one answer) =="
+	echo "What is the capital of France?" | $(BIN)/minillm chat $(MODEL) --temperature 0
+
+test: $(VENV)/.test-installed $(MODEL)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(MODEL) .pytest_cache
