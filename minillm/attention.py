@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cache import KVCache
+from .cache import KVCache, WritePlan
 
 SCORE_BUDGET_BYTES = 64 << 20  # per query block: [heads, block, keys] float32 scores
 NEG_INF = np.float32(-np.inf)
@@ -40,7 +40,7 @@ class ChunkPlan:
     """Everything about a chunk that depends on positions only (shared by all layers)."""
     positions: np.ndarray
     blocks: list
-    write: tuple          # KVCache.write_plan(positions)
+    write: WritePlan      # where the chunk's keys go
 
     @property
     def needs_capped(self) -> bool:

@@ -63,6 +63,17 @@ def attention_spec(cfg: Config, attention: str = "lminfinite", n_global: int | N
     return AttentionSpec("lminfinite", n_global, n_local, ceiling)
 
 
+@dataclass(frozen=True)
+class WritePlan:
+    """Where a chunk's keys go; index arrays on the backend, positions on the host."""
+    positions: np.ndarray     # positions kept (host)
+    host_slots: np.ndarray    # their slots (host)
+    rows: object              # chunk rows kept (backend)
+    slots: object
+    global_rows: object       # rows/slots below n_global, also stored un-rotated
+    global_slots: object
+
+
 class KVCache:
     def __init__(self, cfg: Config, spec: AttentionSpec, xp):
         self.spec, self.xp = spec, xp
@@ -107,7 +118,7 @@ class KVCache:
             setattr(self, name, grown)
         self.pos = np.concatenate([self.pos, np.full(size - old, EMPTY, dtype=np.int64)])
 
-    def write_plan(self, positions: np.ndarray):
+    def write_plan(self, positions: np.ndarray) -> "WritePlan":
         """Which chunk rows go to which slots: all global positions, and the newest ring ones."""
         slots = self.slot_of(positions)
         keep = np.ones(len(positions), dtype=bool)
@@ -115,22 +126,22 @@ class KVCache:
             ring = np.flatnonzero(positions >= self.spec.n_global)
             keep[ring[:-self.spec.n_local]] = False  # overwritten within this chunk anyway
         rows = np.flatnonzero(keep)
-        glob = np.flatnonzero(positions[rows] < self.spec.n_global)
-        return rows, slots[rows], rows[glob], slots[rows][glob]
+        glob = positions[rows] < self.spec.n_global
+        dev = self.xp.asarray
+        return WritePlan(positions[rows], slots[rows], dev(rows), dev(slots[rows]),
+                         dev(rows[glob]), dev(slots[rows][glob]))
 
-    def write(self, layer: int, plan, k_rot, k_raw, v) -> None:
+    def write(self, layer: int, plan: "WritePlan", k_rot, k_raw, v) -> None:
         """Store one layer's chunk keys/values ([kv_heads, C, head_dim]) in their slots."""
-        rows, slots, g_rows, g_slots = plan
-        self.k[layer][:, slots] = k_rot[:, rows]
-        self.v[layer][:, slots] = v[:, rows]
-        if len(g_rows):
-            self.k_raw[layer][:, g_slots] = k_raw[:, g_rows]
+        self.k[layer][:, plan.slots] = k_rot[:, plan.rows]
+        self.v[layer][:, plan.slots] = v[:, plan.rows]
+        if len(plan.global_rows):
+            self.k_raw[layer][:, plan.global_slots] = k_raw[:, plan.global_rows]
 
-    def commit(self, positions: np.ndarray, plan) -> None:
+    def commit(self, plan: "WritePlan") -> None:
         """After all layers have written: the slots now hold these positions."""
-        _, slots, _, _ = plan
-        self.pos[slots] = positions[plan[0]]
-        self.length = int(positions[-1]) + 1
+        self.pos[plan.host_slots] = plan.positions
+        self.length = int(plan.positions.max()) + 1
 
     def reset(self) -> None:
         self.pos[:] = EMPTY

@@ -69,7 +69,7 @@ def forward(weights: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
     x = xp.asarray(weights.embed[tokens])                                 # [C, D]
     for layer, lw in enumerate(weights.layers):
         x = block(x, lw, layer, cfg, cache, plan, rot, xp)
-    cache.commit(positions, plan.write)
+    cache.commit(plan.write)
     return rms_norm(x, weights.norm, cfg.rms_norm_eps, xp)
 
 
