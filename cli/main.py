@@ -91,6 +91,26 @@ from .score import score  # noqa: E402
 cli.add_command(score)
 
 
+@cli.command()
+@model_argument
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed runs per measurement (after one warm-up); the median is reported.")
+@backend_options
+@reports_errors
+def bench(model, as_json, repeats, backend, threads):
+    """Measure prompt, decode and scoring tokens/s, peak RSS and the BLAS kernel."""
+    from minillm.bench import run_bench
+
+    m = load_model(model, backend, threads)
+    result = run_bench(m, repeats, progress=lambda msg: click.echo(f"bench: {msg}", err=True))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for key, value in result.items():
+        click.echo(f"{key:>16}: {value:.1f}" if isinstance(value, float) else f"{key:>16}: {value}")
+
+
 def main():
     cli(prog_name="minillm")
 
