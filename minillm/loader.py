@@ -30,6 +30,8 @@ class SingleFileSource:
             self.tokenizer_config = json.loads(meta.get("minillm.tokenizer_config", "{}"))
         except json.JSONDecodeError:
             raise ModelFileError(f"{name}: corrupt minillm metadata (config is not JSON)") from None
+        if not isinstance(self.tokenizer_config, dict):
+            raise ModelFileError(f"{name}: corrupt minillm metadata (tokenizer config)")
         self.tokenizer_json = meta.get("minillm.tokenizer_json")
         self.sentencepiece_model = None
         if "minillm.sentencepiece_b64" in meta:

@@ -61,6 +61,11 @@ class InputPosition:
     piece_start: int = 0
     skip: int = 0
     window_sha256: str = hashlib.sha256(b"").hexdigest()  # of the CHECK_WINDOW bytes before it
+    scored_sha256: str | None = None  # of the piece's first `skip` ids (None: not checked)
+
+
+def _ids_bytes(ids) -> bytes:
+    return np.asarray(ids, dtype=np.int64).tobytes()
 
 
 class Scorer:
@@ -75,6 +80,7 @@ class Scorer:
         self.at = InputPosition()
         self._tail = b""  # recent input bytes before the current piece (bounded)
         self._piece_ids = None  # ids of a piece being scored
+        self._scored = hashlib.sha256()  # of the current piece's ids fed so far
         self.notes: dict = {}  # the caller's own state, saved with checkpoints
 
     def settings(self) -> dict:
@@ -87,17 +93,33 @@ class Scorer:
         """Score until EOF, max_tokens or stop(); on_chunk(scorer, first_position, ids, nll)."""
         start_time = time.perf_counter() - self.stats.seconds
         skip = self.at.skip
+        # resuming inside a piece: the ids skipped must be the ones the checkpoint scored
+        check, skipped = (self.at.scored_sha256 if skip else None), hashlib.sha256()
         pieces = read_pieces(stream, start=self.at.piece_start)
         for piece in pieces:
             ids = self.tokenizer.encode_continuation(piece.text, first=piece.start == 0)
+            if check is not None:
+                skipped.update(_ids_bytes(ids[:skip]))
+                if skip <= len(ids):
+                    self._check_skipped(skipped, check)
+                    check = None
             self.at = InputPosition(piece.start, skip, hashlib.sha256(self._tail).hexdigest())
+            self._scored = hashlib.sha256(_ids_bytes(ids[:skip]))
             done = self._score_piece(piece, ids, skip, on_chunk, stop, start_time)
             skip = max(0, skip - len(ids))
             if not done:
                 break
             self._tail = (self._tail + piece.raw)[-CHECK_WINDOW:]
+        if check is not None:
+            self._check_skipped(skipped, check)
         self.stats.seconds = time.perf_counter() - start_time
         return self.result()
+
+    @staticmethod
+    def _check_skipped(skipped, want: str) -> None:
+        if skipped.hexdigest() != want:
+            raise MiniLLMError("the input does not continue the text the checkpoint scored "
+                               "(the tokens already scored differ)")
 
     def _score_piece(self, piece, ids, skip, on_chunk, stop, start_time) -> bool:
         """Feed one piece's ids (after `skip` already fed); False when the run should stop."""
@@ -113,8 +135,12 @@ class Scorer:
             first = self.session.position
             nll = self.session.nll(ids[a:b], chunk_size=self.chunk_size)
             st.tokens += b - a
-            st.predicted += int(np.count_nonzero(~np.isnan(nll)))
-            st.total_nll += float(np.nansum(nll, dtype=np.float64))
+            # only the stream's very first token has no prediction: a NaN anywhere else is a
+            # real NaN (NaN weights) and must show in the result, not be skipped
+            scored = nll[1:] if first == 0 else nll
+            st.predicted += len(scored)
+            st.total_nll += float(np.sum(scored, dtype=np.float64))
+            self._scored.update(_ids_bytes(ids[a:b]))
             self.at.skip = a = b
             st.seconds = time.perf_counter() - start_time
             if on_chunk:
@@ -132,6 +158,7 @@ class Scorer:
 
     # --- checkpoints ------------------------------------------------------------------------
     def save(self, path: str) -> None:
+        self.at.scored_sha256 = self._scored.hexdigest()
         state = {"settings": self.settings(), "stats": asdict(self.stats), "at": asdict(self.at),
                  "notes": self.notes}
         self.session.save(path, extra=json.dumps(state))

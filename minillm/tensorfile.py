@@ -67,8 +67,8 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise ModelFileError(f"{name}: corrupt safetensors header")
         meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            raise ModelFileError(f"{name}: corrupt safetensors metadata")
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ModelFileError(f"{name}: corrupt safetensors metadata (not a string map)")
         self.metadata: dict[str, str] = meta
         self.data_start = 8 + n
         self.entries = {k: self._check_entry(name, k, v, size - self.data_start)
@@ -117,7 +117,8 @@ class SafetensorsFile:
             except OSError as e:
                 raise ModelFileError(f"{os.path.basename(self.path)}: cannot map ({e.strerror})") from None
         buf = self._map[self.data_start + begin:self.data_start + end]
-        return buf.view(DTYPES[dtype]).reshape(shape)
+        # a plain ndarray view: slicing a memmap subclass costs a Python call every time
+        return buf.view(np.ndarray).view(DTYPES[dtype]).reshape(shape)
 
     def tensor(self, key: str) -> np.ndarray:
         """The tensor as float32: a zero-copy view for F32, a widened copy otherwise."""

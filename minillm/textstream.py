@@ -50,19 +50,22 @@ def _char_boundary(buf: bytes, k: int) -> int:
 
 
 class _Decoder:
-    """Decodes pieces with replacement, warning once per kind of problem."""
+    """Decodes pieces with replacement; one warning for unclean text (invalid UTF-8, NUL bytes)."""
 
     def __init__(self):
         self.warned: set[str] = set()
 
     def __call__(self, raw: bytes) -> str:
+        problems = []
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            self.warn("utf8", "the input is not valid UTF-8: invalid bytes are replaced by U+FFFD")
+            problems.append("is not valid UTF-8 (invalid bytes are replaced by U+FFFD)")
             text = raw.decode("utf-8", errors="replace")
         if "\x00" in text:
-            self.warn("nul", "the input contains NUL bytes (binary data?); scoring it as text")
+            problems.append("contains NUL bytes (binary data?)")
+        if problems:  # one line for the whole stream, however much of it is binary
+            self.warn("text", f"the input {' and '.join(problems)}; scoring it as text")
         return text
 
     def warn(self, kind: str, message: str) -> None:
