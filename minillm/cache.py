@@ -53,6 +53,8 @@ def attention_spec(cfg: Config, attention: str = "lminfinite", n_global: int | N
     if attention == "window":
         if n_global:
             raise ValueError("the window preset keeps no global tokens (n_global must be 0)")
+        if ceiling is not None:
+            raise ValueError("the window preset has no distance ceiling (ceiling must be unset)")
         return AttentionSpec("window", 0, n_local, None)
     n_global = 10 if n_global is None else int(n_global)
     ceiling = n_local if ceiling is None else int(ceiling)

@@ -192,6 +192,7 @@ def test_ring_holds_globals_and_newest(tiny_model):
     (dict(attention="window", n_global=3), "window"),
     (dict(attention="nope"), "preset"),
     (dict(ceiling=-1), "ceiling"),
+    (dict(attention="window", ceiling=5), "ceiling"),
 ])
 def test_bad_session_settings(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
