@@ -23,7 +23,6 @@ def cli():
     MODEL is minillm's single .safetensors file (see `minillm convert`), a Hugging Face
     folder, or a GGUF file.
     """
-    setup_process()
 
 
 @cli.command()
@@ -112,6 +111,7 @@ def bench(model, as_json, repeats, backend, threads):
 
 
 def main():
+    setup_process()  # process-wide signal and warning settings: the console script only
     cli(prog_name="minillm")
 
 

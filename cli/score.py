@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -37,7 +38,8 @@ class _Stop:
 
 def _print_summary(stats, as_json: bool, out) -> None:
     s = stats.summary()
-    if as_json:
+    if as_json:  # strict JSON: no NaN/Infinity literals (nothing predicted, NaN weights)
+        s = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in s.items()}
         print(json.dumps(s), file=out, flush=True)
         return
     print(f"tokens          {s['tokens']}\n"
@@ -125,7 +127,7 @@ def score(model, input_file, as_json, max_tokens, nll_out, plot_path, attention,
         nonlocal next_checkpoint
         if nll_file:
             nll_file.write("".join(f"{first + i}\t{t}\t{x:.6f}\n"
-                                   for i, (t, x) in enumerate(zip(ids, nll)) if x == x))
+                                   for i, (t, x) in enumerate(zip(ids, nll)) if first + i))
             nll_file.flush()
             sc.notes["nll_out_bytes"] = nll_file.tell()
         if plot_path:

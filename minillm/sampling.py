@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import MiniLLMError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -77,4 +79,7 @@ def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, rece
     if p.temperature == 0:
         return int(np.argmax(logits))
     probs = filtered_probs(logits, p)
+    if not np.isfinite(probs).all():
+        raise MiniLLMError("the model produced NaN or inf logits: nothing to sample from "
+                           "(are the weights damaged?)")
     return int(rng.choice(len(probs), p=probs))

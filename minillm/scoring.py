@@ -12,6 +12,7 @@ import json
 import math
 import time
 import dataclasses
+import zipfile
 from dataclasses import asdict, dataclass
 from typing import BinaryIO, Callable
 
@@ -167,16 +168,21 @@ class Scorer:
     def resume(cls, path: str, model, spec, chunk_size: int = 512,
                max_tokens: int | None = None) -> "Scorer":
         """A scorer continuing a checkpoint; refused unless made with the same model and settings."""
-        session, extra = Session.load(path, model)
-        state = json.loads(extra)
-        scorer = cls(session, chunk_size, max_tokens)
+        try:  # a damaged or foreign file is one clear line, not a traceback
+            session, extra = Session.load(path, model)
+            state = json.loads(extra)
+            have = state["settings"]
+            stats, at = ScoreStats(**state["stats"]), InputPosition(**state["at"])
+            notes = dict(state.get("notes", {}))
+        except (EOFError, AttributeError, TypeError, KeyError, IndexError, ValueError,
+                zipfile.BadZipFile) as e:
+            raise MiniLLMError(f"{path}: not a minillm checkpoint ({type(e).__name__})") from None
         want = {"spec": asdict(spec), "chunk_size": chunk_size, "model": model.fingerprint}
-        if state.get("settings") != want:
+        if have != want:
             raise MiniLLMError(f"{path}: the checkpoint was made with other settings "
-                               f"({json.dumps(state.get('settings'))})")
-        scorer.stats = ScoreStats(**state["stats"])
-        scorer.at = InputPosition(**state["at"])
-        scorer.notes = state.get("notes", {})
+                               f"({_settings_diff(have, want)})")
+        scorer = cls(session, chunk_size, max_tokens)
+        scorer.stats, scorer.at, scorer.notes = stats, at, notes
         return scorer
 
     def seek_input(self, stream: BinaryIO, seekable: bool) -> None:
@@ -192,6 +198,18 @@ class Scorer:
             raise MiniLLMError("the input does not continue the text the checkpoint scored "
                                f"(its first {start} bytes differ)")
         self._tail = window
+
+
+def _settings_diff(have, want: dict) -> str:
+    """'n_local 32 there, 16 here; ...' for the settings that differ."""
+    def flat(d):
+        d = d if isinstance(d, dict) else {}
+        out = {k: v for k, v in d.items() if k != "spec"}
+        out.update(d.get("spec") if isinstance(d.get("spec"), dict) else {})
+        return out
+    a, b = flat(have), flat(want)
+    diffs = [f"{k} {a.get(k)} there, {b.get(k)} here" for k in b if a.get(k) != b.get(k)]
+    return "; ".join(diffs) or "unreadable settings"
 
 
 def _discard(stream: BinaryIO, n: int) -> None:

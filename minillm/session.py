@@ -107,7 +107,7 @@ class Session:
             positions = np.arange(self.position, self.position + b - a, dtype=np.int64)
             with _sigint_deferred():
                 h = forward(m.weights, m.config, ids[a:b], positions, self.cache, m.freq, m.xp)
-                self._last_hidden = h[-1]
+                self._last_hidden = h[-1].copy()  # not a view: do not keep the chunk alive
             yield a, b, h
 
     def _ids(self, ids) -> np.ndarray:
