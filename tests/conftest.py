@@ -11,6 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_MODEL = ROOT / "weights" / "smollm2-135m-instruct.safetensors"
+# the suite runs unchanged on a GPU machine with MINILLM_TEST_BACKEND=cupy
+BACKEND = os.environ.get("MINILLM_TEST_BACKEND", "numpy")
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # name -> LlamaConfig keywords; together they cover GQA/MHA, tied/untied, rope scaling,
@@ -83,7 +85,7 @@ def tiny_dir(tmp_path_factory):
 def tiny_model(tiny_dir):
     import minillm
     folder, _ = tiny_dir("gqa")
-    return minillm.load(folder, backend="numpy")
+    return minillm.load(folder, backend=BACKEND)
 
 
 def smollm2_gguf() -> str | None:
@@ -123,7 +125,7 @@ def real_model_path():
 @pytest.fixture(scope="session")
 def real_model(real_model_path):
     import minillm
-    return minillm.load(real_model_path, backend="numpy")
+    return minillm.load(real_model_path, backend=BACKEND)
 
 
 def rng_ids(n: int, vocab: int, seed: int = 0) -> np.ndarray:

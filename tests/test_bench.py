@@ -6,13 +6,15 @@ from click.testing import CliRunner
 
 from minillm_cli.main import cli
 
+from conftest import BACKEND
+
 KEYS = {"prompt_512_tps", "prompt_2048_tps", "decode_tps", "score_tps", "peak_rss_mb", "blas_kernel"}
 
 
 def test_bench_json(tiny_dir):
     folder, _ = tiny_dir("gqa")
     result = CliRunner().invoke(cli, ["bench", str(folder), "--json", "--repeats", "1",
-                                      "--backend", "numpy"])
+                                      "--backend", BACKEND])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report) == KEYS

@@ -15,6 +15,7 @@ from minillm.chat import (FALLBACK_TEMPLATE, Chat, ChatTemplate, _encode, _StopT
                           end_of_turn_ids)
 from minillm.errors import MiniLLMError
 from minillm.tokenizer import Tokenizer
+from conftest import BACKEND
 
 # SmolLM2-135M-Instruct's template (ChatML with a default system prompt), as stored in its file.
 SMOLLM2_TEMPLATE = (
@@ -126,7 +127,7 @@ def hf_render(tokenizer_json: str, template: str, messages) -> str:
 def fresh_tiny(tiny_dir):
     """A tiny model of our own (tests set its chat_template; the shared fixture stays intact)."""
     folder, _ = tiny_dir("gqa")
-    return minillm.load(folder, backend="numpy")
+    return minillm.load(folder, backend=BACKEND)
 
 
 def tiny_chat(model, template=TINY_TEMPLATE, **kw) -> Chat:

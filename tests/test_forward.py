@@ -7,7 +7,7 @@ import torch
 import minillm
 from minillm.convert import convert
 
-from conftest import TINY_CONFIGS, rng_ids
+from conftest import BACKEND, TINY_CONFIGS, rng_ids
 
 DTYPE_ROUND = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -25,7 +25,7 @@ def reference_logits(torch_model, ids, dtype="float32"):
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 def test_folder_matches_transformers(tiny_dir, name):
     folder, ref_model = tiny_dir(name)
-    model = minillm.load(folder, backend="numpy")
+    model = minillm.load(folder, backend=BACKEND)
     ids = rng_ids(50, model.config.vocab_size)
     ours = model.logits(ids)
     assert ours.dtype == np.float32 and ours.shape == (50, model.config.vocab_size)
@@ -37,7 +37,7 @@ def test_folder_matches_transformers(tiny_dir, name):
 def test_single_file_matches_transformers(tiny_dir, tmp_path, name, dtype):
     folder, ref_model = tiny_dir(name)
     out = convert(folder, tmp_path / f"{name}.safetensors", dtype=dtype)
-    model = minillm.load(out, backend="numpy")
+    model = minillm.load(out, backend=BACKEND)
     ids = rng_ids(40, model.config.vocab_size, seed=1)
     np.testing.assert_allclose(model.logits(ids), reference_logits(ref_model, ids, dtype),
                                atol=1e-4, rtol=0)
@@ -49,14 +49,15 @@ def test_sharded_folder(tiny_dir, tmp_path):
     ref_model.save_pretrained(folder, max_shard_size="20KB")
     assert (folder / "model.safetensors.index.json").exists()
     (folder / "tokenizer.json").write_bytes((tiny_dir("gqa")[0] / "tokenizer.json").read_bytes())
-    model = minillm.load(folder, backend="numpy")
+    model = minillm.load(folder, backend=BACKEND)
     ids = rng_ids(30, model.config.vocab_size, seed=2)
     np.testing.assert_allclose(model.logits(ids), reference_logits(ref_model, ids), atol=1e-4, rtol=0)
 
 
+@pytest.mark.skipif(BACKEND != "numpy", reason="memory mapping is the CPU backend's")
 def test_float32_file_is_memory_mapped(tiny_dir, tmp_path):
     out = convert(tiny_dir("gqa")[0], tmp_path / "m.safetensors")
-    model = minillm.load(out, backend="numpy")
+    model = minillm.load(out, backend=BACKEND)
     base = model.weights.layers[0].wq
     while base is not None and not isinstance(base, np.memmap):
         base = base.base

@@ -15,7 +15,7 @@ from transformers import AttentionInterface
 import minillm
 from minillm.session import AttentionWarning
 
-from conftest import rng_ids
+from conftest import BACKEND, rng_ids
 
 
 def _rotate_half(x):
@@ -91,7 +91,7 @@ def make_session(model, preset, n_global, n_local, ceiling):
 @pytest.mark.parametrize("chunk_size", [512, 3])
 def test_matches_dense_reference(tiny_dir, name, preset, n_global, n_local, ceiling, chunk_size):
     folder, torch_model = tiny_dir(name)
-    model = minillm.load(folder, backend="numpy")
+    model = minillm.load(folder, backend=BACKEND)
     T = 3 * n_local + 7
     ids = rng_ids(T, model.config.vocab_size, seed=3)
     session = make_session(model, preset, n_global, n_local, ceiling)
@@ -114,7 +114,7 @@ def test_reference_differs_from_causal(tiny_dir):
 def test_equals_transformers_within_window(tiny_dir):
     from test_forward import reference_logits as causal_reference
     folder, torch_model = tiny_dir("gqa")
-    model = minillm.load(folder, backend="numpy")
+    model = minillm.load(folder, backend=BACKEND)
     ids = rng_ids(64, 300, seed=5)
     ours = model.session(n_local=64).feed(ids, chunk_size=10)
     np.testing.assert_allclose(ours, causal_reference(torch_model, ids), atol=1e-4, rtol=0)

@@ -24,7 +24,7 @@ import pytest
 import minillm
 from minillm.textstream import MAX_RUN, READ_BLOCK, read_pieces
 
-from conftest import REAL_MODEL, SHARED_DATA
+from conftest import BACKEND, REAL_MODEL, SHARED_DATA
 from test_cli_errors import (assert_one_line_error, assert_usage_error, cli_env, minillm_command,
                              stderr_lines)
 
@@ -105,7 +105,7 @@ def tiny_file(tiny_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(tiny_file):
-    return minillm.load(tiny_file, backend="numpy")
+    return minillm.load(tiny_file, backend=BACKEND)
 
 
 @pytest.fixture(scope="module")
