@@ -87,7 +87,7 @@ def run(args) -> None:
     stats = scorer.run(RepeatedTexts(TEXTS), on_chunk=on_chunk)
     summary = dict(stats.summary(), name=args.name, attention=args.attention,
                    n_global=session.spec.n_global, n_local=session.spec.n_local,
-                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
+                   peak_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                    buckets={k: v for k, v in sorted(sums.items())},
                    blas=_blas())
     (out / f"{args.name}.json").write_text(json.dumps(summary, indent=1))
@@ -121,6 +121,12 @@ def window_stats(rows, lo, hi):
             "rss": float(np.mean([r["rss_mb"] for r in sel]))}
 
 
+def peak_rss_mb(run: dict) -> float:
+    """ru_maxrss is KiB; the first runs stored it divided by 1000 as peak_rss_mb."""
+    kib = run["peak_rss_kib"] if "peak_rss_kib" in run else run["peak_rss_mb"] * 1e3
+    return kib * 1024 / 1e6
+
+
 def report(args) -> None:
     out = Path(args.out)
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
@@ -146,7 +152,7 @@ def report(args) -> None:
         f = lambda w, k, fmt: format(w[k], fmt) if w else "–"  # noqa: E731
         print(f"| {r['name']} | {f(first, 'tps', '.1f')} | {f(last, 'tps', '.1f')} | "
               f"{f(first, 'cpu_ms', '.2f')} | {f(last, 'cpu_ms', '.2f')} | {f(first, 'rss', '.0f')} | "
-              f"{f(last, 'rss', '.0f')} | {r['peak_rss_mb']:.0f} | {r['tokens_per_second']:.1f} | "
+              f"{f(last, 'rss', '.0f')} | {peak_rss_mb(r):.0f} | {r['tokens_per_second']:.1f} | "
               f"{r['blas']} |")
         curves[r["name"]] = _curve(rows)
     from minillm.plot import plot_curves
