@@ -50,11 +50,18 @@ class AttentionWarning(UserWarning):
     """A setting that works but leaves LM-Infinite's guarantees (growing memory, unseen distances)."""
 
 
-def _log_softmax_pick(logits, targets, xp):
-    """-log p(target) per row of logits [N, V], computed stably in float32."""
+def _nll_of_rows(states, targets, lm_head_w, scratch, xp):
+    """-log p(target) for each row of final states [N, D], via logits in a reused scratch buffer.
+
+    scratch: [>= N, V] float32, overwritten; no [N, V] temporaries are allocated.
+    """
+    logits = scratch[:len(states)]
+    xp.matmul(states, lm_head_w.T, out=logits)
+    picked = logits[xp.arange(len(targets)), targets]      # a copy (advanced indexing)
     m = logits.max(axis=-1, keepdims=True)
-    lse = xp.log(xp.exp(logits - m).sum(axis=-1)) + m[:, 0]
-    return lse - logits[xp.arange(len(targets)), targets]
+    logits -= m
+    xp.exp(logits, out=logits)
+    return xp.log(logits.sum(axis=-1)) + m[:, 0] - picked
 
 
 class Session:
@@ -71,6 +78,7 @@ class Session:
                           f"{cfg.max_position_embeddings}: the model will see distances it was "
                           f"never trained on", AttentionWarning, stacklevel=2)
         self.cache = KVCache(cfg, self.spec, model.xp)
+        self._scratch = None      # [NLL_ROWS, V] logits buffer for nll(), made on first use
         self._last_hidden = None  # [D] final hidden state of the newest token: predicts the next
 
     @property
@@ -81,12 +89,18 @@ class Session:
     @property
     def nbytes(self) -> int:
         """Bytes of every array the session holds (constant for bounded presets)."""
-        extra = 0 if self._last_hidden is None else self._last_hidden.nbytes
+        extra = sum(a.nbytes for a in (self._last_hidden, self._scratch) if a is not None)
         return self.cache.nbytes + extra
 
     def reset(self) -> None:
         self.cache.reset()
         self._last_hidden = None
+
+    def _nll_scratch(self):
+        if self._scratch is None:
+            xp = self.model.xp
+            self._scratch = xp.empty((NLL_ROWS, self.model.config.vocab_size), dtype=xp.float32)
+        return self._scratch
 
     def _chunks(self, n: int, chunk_size: int):
         """[start, stop) row ranges of at most chunk_size that never straddle n_global."""
@@ -148,7 +162,8 @@ class Session:
                 rows = states[r:r + NLL_ROWS]
                 t0 = first + r
                 targets = xp.asarray(ids[t0:t0 + len(rows)])
-                out[t0:t0 + len(rows)] = to_host(_log_softmax_pick(lm_head(rows, w), targets, xp))
+                out[t0:t0 + len(rows)] = to_host(
+                    _nll_of_rows(rows, targets, w.lm_head, self._nll_scratch(), xp))
             prev = h[-1]
         return out
 
