@@ -108,11 +108,17 @@ def attend(q, q_capped, k, v, cache: KVCache, layer: int, plan: ChunkPlan, xp):
         a, b, lo, n = blk.start, blk.stop, blk.chunk_lo, blk.n_cache
         rows = group * (b - a)
         qb = q[:, :, a:b].reshape(kv_heads, rows, d)                        # rows: (group, query)
-        s_chunk = (qb @ k[:, lo:b].transpose(0, 2, 1)).reshape(kv_heads, group, b - a, b - lo)
+        # scores live in the cache's reused scratch: no block-sized allocation per layer
+        scratch = cache.scratch(kv_heads * rows * (n + b - lo))
+        s_chunk = scratch[:kv_heads * rows * (b - lo)].reshape(kv_heads, rows, b - lo)
+        xp.matmul(qb, k[:, lo:b].transpose(0, 2, 1), out=s_chunk)
+        s_chunk = s_chunk.reshape(kv_heads, group, b - a, b - lo)
         s_chunk += blk.chunk_bias
         m = s_chunk.max(axis=-1)
         if n:
-            s_cache = (qb @ k_cache[:, :n].transpose(0, 2, 1)).reshape(kv_heads, group, b - a, n)
+            s_cache = scratch[kv_heads * rows * (b - lo):].reshape(kv_heads, rows, n)
+            xp.matmul(qb, k_cache[:, :n].transpose(0, 2, 1), out=s_cache)
+            s_cache = s_cache.reshape(kv_heads, group, b - a, n)
             if blk.capped is not None:
                 n_g = blk.capped.shape[1]
                 qc = q_capped[:, :, a:b].reshape(kv_heads, rows, d)

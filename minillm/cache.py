@@ -87,6 +87,7 @@ class KVCache:
         self.k_raw = xp.zeros(raw_shape, dtype=xp.float32)  # un-rotated global keys
         self.pos = np.full(n_slots, EMPTY, dtype=np.int64)
         self.length = 0  # positions written so far
+        self._scratch = xp.empty(0, dtype=xp.float32)  # attention scores, reused by every layer
 
     @property
     def n_slots(self) -> int:
@@ -99,7 +100,18 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return int(self.k.nbytes + self.v.nbytes + self.k_raw.nbytes + self.pos.nbytes)
+        return int(self.k.nbytes + self.v.nbytes + self.k_raw.nbytes + self.pos.nbytes
+                   + self._scratch.nbytes)
+
+    def scratch(self, n: int):
+        """A flat float32 buffer of exactly n elements, grown (never shrunk) as blocks need.
+
+        Query blocks are sized to a fixed budget (attention.SCORE_BUDGET_BYTES), so it stops
+        growing once the ring is full.
+        """
+        if self._scratch.size < n:
+            self._scratch = self.xp.empty(n, dtype=self.xp.float32)
+        return self._scratch[:n]
 
     def slot_of(self, positions: np.ndarray) -> np.ndarray:
         g, n = self.spec.n_global, self.spec.n_local
