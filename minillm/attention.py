@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cache import KVCache, WritePlan
+from .cache import SCORE_BUDGET_BYTES, KVCache, WritePlan
 
-SCORE_BUDGET_BYTES = 64 << 20  # per query block: [heads, block, keys] float32 scores
 NEG_INF = np.float32(-np.inf)
 
 

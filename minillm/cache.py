@@ -22,6 +22,8 @@ from .config import Config
 
 EMPTY = np.iinfo(np.int64).max  # position of an unused slot: in the future of every query
 FULL_INITIAL_SLOTS = 1024
+SCORE_BUDGET_BYTES = 64 << 20  # attention scores of one query block: [heads, block, keys] float32
+TYPICAL_CHUNK = 512            # the scratch starts large enough for chunks of this size
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,9 @@ class KVCache:
         self.k_raw = xp.zeros(raw_shape, dtype=xp.float32)  # un-rotated global keys
         self.pos = np.full(n_slots, EMPTY, dtype=np.int64)
         self.length = 0  # positions written so far
-        self._scratch = xp.empty(0, dtype=xp.float32)  # attention scores, reused by every layer
+        # attention scores, reused by every layer; sized up front so it does not grow mid-stream
+        typical = cfg.n_heads * TYPICAL_CHUNK * (n_slots + TYPICAL_CHUNK)
+        self._scratch = xp.empty(min(typical, SCORE_BUDGET_BYTES // 4), dtype=xp.float32)
 
     @property
     def n_slots(self) -> int:
@@ -106,8 +110,7 @@ class KVCache:
     def scratch(self, n: int):
         """A flat float32 buffer of exactly n elements, grown (never shrunk) as blocks need.
 
-        Query blocks are sized to a fixed budget (attention.SCORE_BUDGET_BYTES), so it stops
-        growing once the ring is full.
+        Query blocks are sized to SCORE_BUDGET_BYTES, so it never outgrows that.
         """
         if self._scratch.size < n:
             self._scratch = self.xp.empty(n, dtype=self.xp.float32)
