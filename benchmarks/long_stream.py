@@ -9,6 +9,7 @@ easier than fresh text). Per chunk it logs position, wall and CPU seconds and cu
     python benchmarks/long_stream.py run --name lminfinite-2k --n-local 2048 --tokens 1000000 --out OUT
     python benchmarks/long_stream.py run --name full --attention full --tokens 32768 --out OUT
     python benchmarks/long_stream.py report OUT        # markdown tables + OUT/nll.png
+    python benchmarks/long_stream.py report OUT --start-at 40000   # start window elsewhere
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ def report(args) -> None:
     for r in runs:
         rows = [json.loads(line) for line in open(out / f"{r['name']}.jsonl")]
         end = rows[-1]["pos"]
-        first = window_stats(rows, 2 * (r["n_local"] or 2048), 2 * (r["n_local"] or 2048) + WINDOW)
+        start = args.start_at if args.start_at is not None else 2 * (r["n_local"] or 2048)
+        first = window_stats(rows, start, start + WINDOW)
         last = window_stats(rows, end - WINDOW, end)
         f = lambda w, k, fmt: format(w[k], fmt) if w else "–"  # noqa: E731
         print(f"| {r['name']} | {f(first, 'tps', '.1f')} | {f(last, 'tps', '.1f')} | "
@@ -189,6 +191,8 @@ def main():
     r.add_argument("--out", required=True)
     rep = sub.add_parser("report")
     rep.add_argument("out")
+    rep.add_argument("--start-at", type=int, default=None,
+                     help="position where the 'start' speed window begins [default: 2 x n_local]")
     args = p.parse_args()
     run(args) if args.cmd == "run" else report(args)
 
