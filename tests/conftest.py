@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +132,27 @@ def real_model(real_model_path):
 
 def rng_ids(n: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, n)
+
+
+@pytest.fixture(scope="session")
+def tiny_file(tiny_dir, tmp_path_factory) -> Path:
+    """The gqa tiny model converted to minillm's single file."""
+    from minillm.convert import convert
+    folder, _ = tiny_dir("gqa")
+    out = tmp_path_factory.mktemp("tiny_file") / "tiny.safetensors"
+    convert(folder, out)
+    return out
+
+
+def minillm_command() -> list[str]:
+    """The installed `minillm` console script (beside this Python), else the module."""
+    script = Path(sys.executable).with_name("minillm")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("minillm")
+    return [found] if found else [sys.executable, "-m", "minillm_cli.main"]
+
+
+def cli_env(**extra) -> dict:
+    # one BLAS thread: steadier on a small shared machine (the models here are small)
+    return dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", **extra)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from conftest import cli_env, minillm_command
 from click.testing import CliRunner
 
 from minillm_cli.main import cli
@@ -19,17 +17,8 @@ PROMPT = "> "
 CONVERSATION = re.compile(r"\[conversation (\d+) tokens")
 
 
-def minillm_command() -> list[str]:
-    script = Path(sys.executable).with_name("minillm")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("minillm")
-    return [found] if found else [sys.executable, "-m", "minillm_cli.main"]
-
-
 def env() -> dict:
-    # one BLAS thread: steadier timings on a small shared machine (the model is small)
-    return dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", TERM="dumb")
+    return cli_env(TERM="dumb")
 
 
 def spawn(model, *args):

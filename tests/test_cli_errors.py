@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import resource
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import _tiny_tokenizer
+from conftest import _tiny_tokenizer, cli_env, minillm_command
 
 TIMEOUT = 120
 CHATML_FRANCE = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
@@ -30,17 +28,6 @@ NORM = "model.norm.weight"
 
 
 # --- running the command line -----------------------------------------------------------------
-
-def minillm_command() -> list[str]:
-    script = Path(sys.executable).with_name("minillm")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("minillm")
-    return [found] if found else [sys.executable, "-m", "minillm_cli.main"]
-
-
-def cli_env() -> dict:
-    return dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
 
 
 def _limit_memory():
@@ -118,13 +105,6 @@ def set_value(name: str, index: int, value: float):
     return edit
 
 
-@pytest.fixture(scope="module")
-def tiny_file(tiny_dir, tmp_path_factory) -> Path:
-    from minillm.convert import convert
-    folder, _ = tiny_dir("gqa")
-    out = tmp_path_factory.mktemp("cli_errors") / "tiny.safetensors"
-    convert(folder, out)
-    return out
 
 
 @pytest.fixture

@@ -94,13 +94,6 @@ def warnings_of(result) -> list[str]:
 
 # --- fixtures -----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_file(tiny_dir, tmp_path_factory) -> Path:
-    from minillm.convert import convert
-    folder, _ = tiny_dir("gqa")
-    out = tmp_path_factory.mktemp("score") / "tiny.safetensors"
-    convert(folder, out)
-    return out
 
 
 @pytest.fixture(scope="module")
