@@ -29,8 +29,7 @@ class QueryBlock:
     stop: int
     n_cache: int          # cache slots [0, n_cache) scored
     chunk_lo: int         # chunk keys [chunk_lo, stop) scored
-    cache_bias: object    # [block, n_cache] 0 / -inf (backend array)
-    chunk_bias: object    # [block, stop - chunk_lo]
+    bias: object          # [block, n_cache + stop - chunk_lo] 0 / -inf (backend array)
     capped: object        # [block, n_global] bool: global keys scored at the ceiling, or None
 
 
@@ -80,63 +79,53 @@ def plan_chunk(cache: KVCache, positions: np.ndarray, n_heads: int, xp) -> Chunk
         if spec.ceiling is not None and spec.n_global and n_cache:
             g = slot_pos[:min(n_cache, spec.n_global)]
             capped_np = ~cache_ok[:, :len(g)] & (q_pos[:, None] >= g[None, :])
-            cache_ok[:, :len(g)] |= capped_np
-            capped = xp.asarray(capped_np)
+            if capped_np.any():  # until the globals leave the window, nothing is capped
+                cache_ok[:, :len(g)] |= capped_np
+                capped = xp.asarray(capped_np)
         lo = 0 if spec.n_local is None else max(0, a - spec.n_local + 1)
         chunk_ok = _allowed(q_pos, positions[lo:b], spec.n_local)
-        blocks.append(QueryBlock(a, b, n_cache, lo, _bias(cache_ok, xp), _bias(chunk_ok, xp), capped))
+        bias = _bias(np.concatenate([cache_ok, chunk_ok], axis=1), xp)
+        blocks.append(QueryBlock(a, b, n_cache, lo, bias, capped))
     return ChunkPlan(positions, blocks, cache.write_plan(positions))
 
 
 def attend(q, q_capped, k, v, cache: KVCache, layer: int, plan: ChunkPlan, xp):
     """Attention output [C, n_heads * head_dim] for one layer.
 
-    q:        [n_heads, C, d]  queries rotated at their positions, pre-scaled by 1/sqrt(d)
-    q_capped: [n_heads, C, d]  queries rotated at the ceiling c (pre-scaled), or None
+    q:        [kv_heads, C, group, d]  queries rotated at their positions, pre-scaled by
+              1/sqrt(d); query head h = kv_head * group + g
+    q_capped: the same, rotated at the ceiling c, or None
     k, v:     [kv_heads, C, d] the chunk's keys (rotated) and values
+
+    A block's scores are one [kv_heads, block * group, cache slots | chunk keys] array in the
+    cache's scratch, so the mask, max, exp and sum each make one pass over both parts.
     """
-    n_heads, n_q, d = q.shape
-    kv_heads = k.shape[0]
-    group = n_heads // kv_heads
-    q = q.reshape(kv_heads, group, n_q, d)
-    if q_capped is not None:
-        q_capped = q_capped.reshape(kv_heads, group, n_q, d)
-    k_cache, v_cache = cache.k[layer], cache.v[layer]  # [kv_heads, slots, d]
+    kv_heads, n_q, group, d = q.shape
+    k_cache, v_cache = cache.k[layer], cache.v[layer]  # [kv_heads, d, slots], [kv_heads, slots, d]
     out = xp.empty((n_q, kv_heads, group, d), dtype=xp.float32)
     for blk in plan.blocks:
         a, b, lo, n = blk.start, blk.stop, blk.chunk_lo, blk.n_cache
-        rows = group * (b - a)
-        qb = q[:, :, a:b].reshape(kv_heads, rows, d)                        # rows: (group, query)
-        # scores live in the cache's reused scratch: no block-sized allocation per layer
-        scratch = cache.scratch(kv_heads * rows * (n + b - lo))
-        s_chunk = scratch[:kv_heads * rows * (b - lo)].reshape(kv_heads, rows, b - lo)
-        xp.matmul(qb, k[:, lo:b].transpose(0, 2, 1), out=s_chunk)
-        s_chunk = s_chunk.reshape(kv_heads, group, b - a, b - lo)
-        s_chunk += blk.chunk_bias
-        m = s_chunk.max(axis=-1)
+        rows, width = (b - a) * group, n + b - lo
+        qb = q[:, a:b].reshape(kv_heads, rows, d)                          # rows: (query, group)
+        s = cache.scratch(kv_heads * rows * width).reshape(kv_heads, rows, width)
+        xp.matmul(qb, k[:, lo:b].transpose(0, 2, 1), out=s[..., n:])
         if n:
-            s_cache = scratch[kv_heads * rows * (b - lo):].reshape(kv_heads, rows, n)
-            xp.matmul(qb, k_cache[:, :n].transpose(0, 2, 1), out=s_cache)
-            s_cache = s_cache.reshape(kv_heads, group, b - a, n)
-            if blk.capped is not None:
-                n_g = blk.capped.shape[1]
-                qc = q_capped[:, :, a:b].reshape(kv_heads, rows, d)
-                s_cap = (qc @ cache.k_raw[layer][:, :n_g].transpose(0, 2, 1)).reshape(
-                    kv_heads, group, b - a, n_g)
-                s_cache[..., :n_g] = xp.where(blk.capped, s_cap, s_cache[..., :n_g])
-            s_cache += blk.cache_bias
-            m = xp.maximum(m, s_cache.max(axis=-1))
-        # one softmax over [cache | chunk] keys, without concatenating them
-        m = m[..., None]
-        s_chunk -= m
-        xp.exp(s_chunk, out=s_chunk)
-        z = s_chunk.sum(axis=-1)                                           # [kv, group, block]
-        o = s_chunk.reshape(kv_heads, rows, b - lo) @ v[:, lo:b]
+            xp.matmul(qb, k_cache[..., :n], out=s[..., :n])
+        s4 = s.reshape(kv_heads, b - a, group, width)                     # masks are per query
+        if blk.capped is not None:
+            n_g = blk.capped.shape[1]
+            qc = q_capped[:, a:b].reshape(kv_heads, rows, d)
+            s_cap = (qc @ cache.k_raw[layer][:, :n_g].transpose(0, 2, 1)).reshape(
+                kv_heads, b - a, group, n_g)
+            s4[..., :n_g] = xp.where(blk.capped[:, None], s_cap, s4[..., :n_g])
+        s4 += blk.bias[:, None]
+        # softmax over [cache | chunk] keys
+        s -= s.max(axis=-1, keepdims=True)
+        xp.exp(s, out=s)
+        z = s.sum(axis=-1, keepdims=True)                                  # [kv, rows, 1]
+        o = s[..., n:] @ v[:, lo:b]                                        # [kv, rows, d]
         if n:
-            s_cache -= m
-            xp.exp(s_cache, out=s_cache)
-            z += s_cache.sum(axis=-1)
-            o += s_cache.reshape(kv_heads, rows, n) @ v_cache[:, :n]
-        o = o.reshape(kv_heads, group, b - a, d) / z[..., None]
-        out[a:b] = o.transpose(2, 0, 1, 3)
-    return out.reshape(n_q, n_heads * d)
+            o += s[..., :n] @ v_cache[:, :n]
+        o /= z
+        out[a:b] = o.reshape(kv_heads, b - a, group, d).transpose(1, 0, 2, 3)
+    return out.reshape(n_q, kv_heads * group * d)

@@ -8,8 +8,10 @@ Slot layout along the sequence axis of every layer's arrays:
 
 Each slot remembers its absolute position (`pos`, shared by all layers); masks and capped
 distances are derived from those positions, so the ring is never reordered. Keys are stored
-rotated at their absolute positions; the global keys are also kept un-rotated for the
-distance ceiling. `n_local=None` is the unbounded `full` preset: the arrays grow (doubling).
+rotated at their absolute positions and transposed, [head_dim, slots] per head, so that
+q @ K is a plain GEMM that BLAS runs at full speed even for one query; the global keys are
+also kept un-rotated for the distance ceiling. `n_local=None` is the unbounded `full`
+preset: the arrays grow (doubling).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from .config import Config
 
 EMPTY = np.iinfo(np.int64).max  # position of an unused slot: in the future of every query
 FULL_INITIAL_SLOTS = 1024
-SCORE_BUDGET_BYTES = 64 << 20  # attention scores of one query block: [heads, block, keys] float32
-TYPICAL_CHUNK = 512            # the scratch starts large enough for chunks of this size
+# attention scores of one query block, [heads, block, keys] float32: small enough to stay in
+# cache while the softmax passes over it, large enough to keep the GEMMs efficient
+SCORE_BUDGET_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -83,15 +86,14 @@ class KVCache:
         self.spec, self.xp = spec, xp
         n_slots = spec.n_global + spec.n_local if spec.bounded else FULL_INITIAL_SLOTS
         shape = (cfg.num_hidden_layers, cfg.n_kv_heads, n_slots, cfg.head_dim)
-        self.k = xp.zeros(shape, dtype=xp.float32)  # rotated keys
+        self.k = xp.zeros(shape[:2] + (cfg.head_dim, n_slots), dtype=xp.float32)  # rotated, K^T
         self.v = xp.zeros(shape, dtype=xp.float32)
         raw_shape = (cfg.num_hidden_layers, cfg.n_kv_heads, spec.n_global, cfg.head_dim)
         self.k_raw = xp.zeros(raw_shape, dtype=xp.float32)  # un-rotated global keys
         self.pos = np.full(n_slots, EMPTY, dtype=np.int64)
         self.length = 0  # positions written so far
         # attention scores, reused by every layer; sized up front so it does not grow mid-stream
-        typical = cfg.n_heads * TYPICAL_CHUNK * (n_slots + TYPICAL_CHUNK)
-        self._scratch = xp.empty(min(typical, SCORE_BUDGET_BYTES // 4), dtype=xp.float32)
+        self._scratch = xp.empty(SCORE_BUDGET_BYTES // 4, dtype=xp.float32)
 
     @property
     def n_slots(self) -> int:
@@ -110,7 +112,8 @@ class KVCache:
     def scratch(self, n: int):
         """A flat float32 buffer of exactly n elements, grown (never shrunk) as blocks need.
 
-        Query blocks are sized to SCORE_BUDGET_BYTES, so it never outgrows that.
+        Query blocks are sized to SCORE_BUDGET_BYTES, so it outgrows that only when a single
+        query's scores are larger (the unbounded `full` preset on a very long stream).
         """
         if self._scratch.size < n:
             self._scratch = self.xp.empty(n, dtype=self.xp.float32)
@@ -128,11 +131,11 @@ class KVCache:
             return
         size = max(end, 2 * self.n_slots)
         xp, old = self.xp, self.n_slots
-        for name in ("k", "v"):
-            a = getattr(self, name)
-            grown = xp.zeros(a.shape[:2] + (size,) + a.shape[3:], dtype=a.dtype)
-            grown[:, :, :old] = a
-            setattr(self, name, grown)
+        k = xp.zeros(self.k.shape[:3] + (size,), dtype=self.k.dtype)
+        k[..., :old] = self.k
+        v = xp.zeros(self.v.shape[:2] + (size,) + self.v.shape[3:], dtype=self.v.dtype)
+        v[:, :, :old] = self.v
+        self.k, self.v = k, v
         self.pos = np.concatenate([self.pos, np.full(size - old, EMPTY, dtype=np.int64)])
 
     def write_plan(self, positions: np.ndarray) -> "WritePlan":
@@ -150,7 +153,7 @@ class KVCache:
 
     def write(self, layer: int, plan: "WritePlan", k_rot, k_raw, v) -> None:
         """Store one layer's chunk keys/values ([kv_heads, C, head_dim]) in their slots."""
-        self.k[layer][:, plan.slots] = k_rot[:, plan.rows]
+        self.k[layer][:, :, plan.slots] = k_rot[:, plan.rows].transpose(0, 2, 1)
         self.v[layer][:, plan.slots] = v[:, plan.rows]
         if len(plan.global_rows):
             self.k_raw[layer][:, plan.global_slots] = k_raw[:, plan.global_rows]

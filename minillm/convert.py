@@ -26,7 +26,6 @@ from .errors import ModelFileError
 from .tensorfile import DTYPE_NAMES, SafetensorsFile, write_safetensors
 
 FORMAT_VERSION = "1"
-SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)  # derived from the config, never stored
 
 # GGUF tensor name -> Hugging Face name (blk.N.* are per layer)
 _GGUF_GLOBAL_NAMES = {
@@ -411,15 +410,15 @@ def open_source(path):
 
 def convert(src_path, out_path, dtype: str = "float32") -> str:
     """Write `src_path` (GGUF, HF folder or its model.safetensors) as one self-contained file."""
-    from .weights import check_source
+    from .weights import check_source, expected_shapes
 
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, not {dtype!r}")
     src = open_source(src_path)
     cfg = Config.from_dict(src.config, source=str(src_path))
     check_source(src, cfg, str(src_path))  # refuse a bad model before writing anything
-    names = [k for k in src.keys() if not k.endswith(SKIPPED_SUFFIXES)
-             and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    # minillm's tensor order, so that the fused q|k|v and gate|up matrices are views of the file
+    names = list(expected_shapes(cfg))
     write_safetensors(str(out_path), [(k, src.shape(k)) for k in names], src.tensor,
                       dtype=dtype, metadata=_metadata(src, cfg))
     return str(out_path)

@@ -46,11 +46,18 @@ def cos_sin(positions, freq: np.ndarray, xp=np):
             xp.asarray(np.sin(angles).astype(np.float32)))
 
 
-def apply_rope(x, cos, sin):
-    """Rotate x [..., T, head_dim] by the angles of its T positions (cos/sin: [T, head_dim/2])."""
+def apply_rope(x, cos, sin, xp=np):
+    """x rotated by its positions' angles, as a new C-contiguous array of x's shape.
+
+    x: [..., head_dim], any layout (e.g. a transposed view); cos/sin: [..., head_dim/2],
+    broadcast against x's halves.
+    """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    out = x.copy()
-    out[..., :half] = x1 * cos - x2 * sin
-    out[..., half:] = x2 * cos + x1 * sin
+    out = xp.empty(x.shape, dtype=xp.float32)
+    o1, o2 = out[..., :half], out[..., half:]
+    xp.multiply(x1, cos, out=o1)
+    o1 -= x2 * sin
+    xp.multiply(x2, cos, out=o2)
+    o2 += x1 * sin
     return out

@@ -172,7 +172,7 @@ class Session:
         """Write the session (only the cache slots in use) atomically: temp file, then rename."""
         n = self.cache.n_used
         arrays = {
-            "k": to_host(self.cache.k[:, :, :n]), "v": to_host(self.cache.v[:, :, :n]),
+            "k": to_host(self.cache.k[..., :n]).swapaxes(2, 3), "v": to_host(self.cache.v[:, :, :n]),
             "k_raw": to_host(self.cache.k_raw), "pos": self.cache.pos[:n],
             "last_hidden": (to_host(self._last_hidden) if self._last_hidden is not None
                             else np.zeros(0, np.float32)),
@@ -205,7 +205,7 @@ class Session:
             s = cls(model, spec["preset"], spec["n_global"], spec["n_local"], spec["ceiling"])
         n, xp = len(arrays["pos"]), model.xp
         s.cache.reserve(n)
-        s.cache.k[:, :, :n] = to_device(xp, arrays["k"])
+        s.cache.k[..., :n] = to_device(xp, arrays["k"]).swapaxes(2, 3)
         s.cache.v[:, :, :n] = to_device(xp, arrays["v"])
         s.cache.k_raw[...] = to_device(xp, arrays["k_raw"])
         s.cache.pos[:n] = arrays["pos"]

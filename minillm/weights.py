@@ -27,14 +27,37 @@ class WeightWarning(UserWarning):
 @dataclass
 class LayerWeights:
     attn_norm: object  # [hidden]
-    wq: object         # [n_heads * head_dim, hidden]
-    wk: object         # [n_kv_heads * head_dim, hidden]
-    wv: object         # [n_kv_heads * head_dim, hidden]
+    w_qkv: object      # [(n_heads + 2 n_kv_heads) * head_dim, hidden]: q, k, v in one GEMM
     wo: object         # [hidden, n_heads * head_dim]
     mlp_norm: object   # [hidden]
-    w_gate: object     # [intermediate, hidden]
-    w_up: object       # [intermediate, hidden]
+    w_gate_up: object  # [2 intermediate, hidden]: gate and up in one GEMM
     w_down: object     # [hidden, intermediate]
+    # the checkpoint's own matrices, as views into the fused ones
+    wq: object = None
+    wk: object = None
+    wv: object = None
+    w_gate: object = None
+    w_up: object = None
+
+    def __post_init__(self):
+        q, kv = self.wo.shape[1], (self.w_qkv.shape[0] - self.wo.shape[1]) // 2
+        f = self.w_gate_up.shape[0] // 2
+        self.wq, self.wk, self.wv = self.w_qkv[:q], self.w_qkv[q:q + kv], self.w_qkv[q + kv:]
+        self.w_gate, self.w_up = self.w_gate_up[:f], self.w_gate_up[f:]
+
+
+def fuse_rows(parts: list, xp):
+    """Stack matrices along rows. Free when they lie back to back in one host buffer (a float32
+    file written in minillm's order: `minillm convert`), a copy otherwise."""
+    adjacent = xp is np and all(
+        p.flags.c_contiguous and p.dtype == parts[0].dtype for p in parts) and all(
+        a.__array_interface__["data"][0] + a.nbytes == b.__array_interface__["data"][0]
+        for a, b in zip(parts, parts[1:]))
+    if adjacent:
+        rows = sum(p.shape[0] for p in parts)
+        return np.lib.stride_tricks.as_strided(parts[0], (rows,) + parts[0].shape[1:],
+                                               writeable=False)
+    return xp.concatenate([to_device(xp, p) for p in parts])
 
 
 @dataclass
@@ -46,10 +69,12 @@ class Weights:
 
 
 def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Llama checkpoint must hold, with its shape."""
+    """Every tensor a Llama checkpoint must hold, with its shape, in minillm's file order
+    (q, k, v back to back and gate, up back to back, so they fuse without a copy)."""
     h, hd, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    shapes = {} if cfg.tie_word_embeddings else {"lm_head.weight": (cfg.vocab_size, h)}
+    shapes["model.embed_tokens.weight"] = (cfg.vocab_size, h)
     for n in range(cfg.num_hidden_layers):
         p = f"model.layers.{n}."
         shapes.update({
@@ -63,8 +88,7 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (i, h),
             p + "mlp.down_proj.weight": (h, i),
         })
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    shapes["model.norm.weight"] = (h,)
     return shapes
 
 
@@ -107,13 +131,12 @@ def load_weights(source, cfg: Config, xp, name: str) -> Weights:
         p = f"model.layers.{n}."
         layers.append(LayerWeights(
             attn_norm=get(p + "input_layernorm.weight"),
-            wq=get(p + "self_attn.q_proj.weight"),
-            wk=get(p + "self_attn.k_proj.weight"),
-            wv=get(p + "self_attn.v_proj.weight"),
+            w_qkv=fuse_rows([get(p + f"self_attn.{x}_proj.weight", device=False)
+                             for x in "qkv"], xp),
             wo=get(p + "self_attn.o_proj.weight"),
             mlp_norm=get(p + "post_attention_layernorm.weight"),
-            w_gate=get(p + "mlp.gate_proj.weight"),
-            w_up=get(p + "mlp.up_proj.weight"),
+            w_gate_up=fuse_rows([get(p + f"mlp.{x}_proj.weight", device=False)
+                                 for x in ("gate", "up")], xp),
             w_down=get(p + "mlp.down_proj.weight"),
         ))
     embed = get("model.embed_tokens.weight", device=False)

@@ -64,6 +64,19 @@ def test_float32_file_is_memory_mapped(tiny_dir, tmp_path):
     assert isinstance(base, np.memmap)
 
 
+@pytest.mark.skipif(BACKEND != "numpy", reason="memory mapping is the CPU backend's")
+def test_fused_matrices_are_views_of_a_converted_file(tiny_dir, tmp_path):
+    """convert writes q|k|v and gate|up back to back, so the fused GEMM weights cost no copy."""
+    out = convert(tiny_dir("gqa")[0], tmp_path / "m.safetensors")
+    lw = minillm.load(out, backend=BACKEND).weights.layers[1]
+    for fused in (lw.w_qkv, lw.w_gate_up):
+        base = fused
+        while base is not None and not isinstance(base, np.memmap):
+            base = base.base
+        assert isinstance(base, np.memmap)
+    assert np.shares_memory(lw.w_qkv, lw.wv) and np.shares_memory(lw.w_gate_up, lw.w_up)
+
+
 def test_rope_angles_exact_at_huge_positions(tiny_model):
     """cos/sin at position 10^8 computed in float64: a float32 angle would be off by radians."""
     from minillm.rope import cos_sin
