@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 MODEL  := weights/smollm2-135m-instruct.safetensors
 STDLIB  = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 
-.PHONY: demo test weights install clean
+.PHONY: demo test weights install clean bench-env compare
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,5 +34,17 @@ demo: $(MODEL)
 test: $(VENV)/.test-installed $(MODEL)
 	$(BIN)/python -m pytest -q
 
+# the side-by-side benchmark (not part of CI): llama.cpp compiles into its own venv, once
+BENCH_VENV := .bench-venv
+$(BENCH_VENV)/.installed:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BENCH_VENV)/bin/pip install --quiet llama-cpp-python==0.3.36 numpy
+	touch $@
+
+bench-env: $(BENCH_VENV)/.installed
+
+compare: $(VENV)/.test-installed $(MODEL) $(BENCH_VENV)/.installed
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/compare.py --out benchmarks/results/compare
+
 clean:
-	rm -rf $(VENV) $(MODEL) .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(MODEL) .pytest_cache build
