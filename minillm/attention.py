@@ -102,7 +102,7 @@ def attend(q, q_capped, k, v, cache: KVCache, layer: int, plan: ChunkPlan, xp):
     """
     kv_heads, n_q, group, d = q.shape
     k_cache, v_cache = cache.k[layer], cache.v[layer]  # [kv_heads, d, slots], [kv_heads, slots, d]
-    out = xp.empty((n_q, kv_heads, group, d), dtype=xp.float32)
+    out = cache.buffer("attention", (n_q, kv_heads, group, d), n_q)
     for blk in plan.blocks:
         a, b, lo, n = blk.start, blk.stop, blk.chunk_lo, blk.n_cache
         rows, width = (b - a) * group, n + b - lo

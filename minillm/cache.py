@@ -16,6 +16,7 @@ preset: the arrays grow (doubling).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ FULL_INITIAL_SLOTS = 1024
 # attention scores of one query block, [heads, block, keys] float32: small enough to stay in
 # cache while the softmax passes over it, large enough to keep the GEMMs efficient
 SCORE_BUDGET_BYTES = 4 << 20
+TYPICAL_CHUNK = 512  # per-chunk buffers are first made large enough for chunks of this size
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class KVCache:
         self.length = 0  # positions written so far
         # attention scores, reused by every layer; sized up front so it does not grow mid-stream
         self._scratch = xp.empty(SCORE_BUDGET_BYTES // 4, dtype=xp.float32)
+        self._buffers = {}  # a chunk's per-layer temporaries, reused by every layer and chunk
 
     @property
     def n_slots(self) -> int:
@@ -107,7 +110,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return int(self.k.nbytes + self.v.nbytes + self.k_raw.nbytes + self.pos.nbytes
-                   + self._scratch.nbytes)
+                   + self._scratch.nbytes + sum(b.nbytes for b in self._buffers.values()))
 
     def scratch(self, n: int):
         """A flat float32 buffer of exactly n elements, grown (never shrunk) as blocks need.
@@ -118,6 +121,19 @@ class KVCache:
         if self._scratch.size < n:
             self._scratch = self.xp.empty(n, dtype=self.xp.float32)
         return self._scratch[:n]
+
+    def buffer(self, name: str, shape: tuple[int, ...], n_q: int):
+        """A float32 array of `shape` kept under `name` and reused: a chunk's temporaries have
+        the same shapes in every layer, so they cost no allocation (and no page faults) after
+        the first. n_q is the chunk length in `shape`: the buffer is made large enough for
+        TYPICAL_CHUNK tokens at once, so it only grows for larger chunks. The contents are
+        the caller's to overwrite."""
+        n = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < n:
+            size = max(n, n // max(n_q, 1) * TYPICAL_CHUNK)
+            buf = self._buffers[name] = self.xp.empty(size, dtype=self.xp.float32)
+        return buf[:n].reshape(shape)
 
     def slot_of(self, positions: np.ndarray) -> np.ndarray:
         g, n = self.spec.n_global, self.spec.n_local

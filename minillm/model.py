@@ -15,26 +15,27 @@ from .rope import apply_rope, cos_sin
 from .weights import LayerWeights, Weights
 
 
-def rms_norm(x, w, eps: float, xp):
-    """x / rms(x) * w over the last axis."""
-    scale = xp.sqrt((x * x).mean(axis=-1, keepdims=True) + np.float32(eps))
-    h = x / scale
+def rms_norm(x, w, eps: float, xp, out=None):
+    """x / rms(x) * w over the last axis (into `out` when given)."""
+    sq = xp.multiply(x, x, out=out)
+    scale = xp.sqrt(sq.mean(axis=-1, keepdims=True) + np.float32(eps))
+    h = xp.divide(x, scale, out=sq)
     h *= w
     return h
 
 
-def mlp(x, lw: LayerWeights, xp):
+def mlp(x, lw: LayerWeights, cache: KVCache, xp):
     """SwiGLU, down(silu(gate(x)) * up(x)), with gate and up in one GEMM: silu(g) * u is
-    computed as g * u / (1 + exp(-g)) in place, with one temporary."""
-    gate_up = x @ lw.w_gate_up.T                                           # [C, 2F]
-    f = gate_up.shape[1] // 2
+    computed as g * u / (1 + exp(-g)) in place, in the cache's reusable buffers."""
+    n_q, f = x.shape[0], lw.w_down.shape[1]
+    gate_up = xp.matmul(x, lw.w_gate_up.T, out=cache.buffer("gate_up", (n_q, 2 * f), n_q))
     g, u = gate_up[:, :f], gate_up[:, f:]
-    e = xp.negative(g)
+    e = xp.negative(g, out=cache.buffer("silu", (n_q, f), n_q))
     xp.exp(e, out=e)
     e += 1
     g *= u
     g /= e
-    return g @ lw.w_down.T
+    return xp.matmul(g, lw.w_down.T, out=cache.buffer("proj", x.shape, n_q))
 
 
 class Rotations:
@@ -60,18 +61,24 @@ def block(x, lw: LayerWeights, layer: int, cfg: Config, cache: KVCache, plan, ro
     """One transformer block: x [C, D] -> [C, D] (updated in place); writes this layer's
     keys/values to the cache."""
     n_q, d, n_h, n_kv = x.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-    qkv = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps, xp) @ lw.w_qkv.T     # [C, (H + 2K) d]
+
+    def buf(name, shape):  # every layer's temporaries have the same shapes: allocated once
+        return cache.buffer(name, shape, n_q)
+
+    h = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps, xp, out=buf("norm", x.shape))
+    qkv = xp.matmul(h, lw.w_qkv.T, out=buf("qkv", (n_q, lw.w_qkv.shape[0])))  # [C, (H + 2K) d]
     # query head h belongs to key/value head h // group: view q as [K, C, group, d]
     q = qkv[:, :n_h * d].reshape(n_q, n_kv, n_h // n_kv, d).transpose(1, 0, 2, 3)
     k = qkv[:, n_h * d:(n_h + n_kv) * d].reshape(n_q, n_kv, d).transpose(1, 0, 2)  # [K, C, d]
     v = qkv[:, (n_h + n_kv) * d:].reshape(n_q, n_kv, d).transpose(1, 0, 2)
-    q_rot = apply_rope(q, rot.q_cos, rot.q_sin, xp)
-    k_rot = apply_rope(k, rot.cos, rot.sin, xp)
+    q_rot = apply_rope(q, rot.q_cos, rot.q_sin, xp, out=buf("q_rot", q.shape))
+    k_rot = apply_rope(k, rot.cos, rot.sin, xp, out=buf("k_rot", k.shape))
     q_capped = apply_rope(q, *rot.q_capped, xp) if plan.needs_capped else None
     a = attention.attend(q_rot, q_capped, k_rot, v, cache, layer, plan, xp)  # [C, H*d]
     cache.write(layer, plan.write, k_rot, k, v)
-    x += a @ lw.wo.T
-    x += mlp(rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps, xp), lw, xp)
+    x += xp.matmul(a, lw.wo.T, out=buf("proj", x.shape))
+    x += mlp(rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps, xp, out=buf("norm", x.shape)), lw,
+             cache, xp)
     return x
 
 

@@ -46,15 +46,15 @@ def cos_sin(positions, freq: np.ndarray, xp=np):
             xp.asarray(np.sin(angles).astype(np.float32)))
 
 
-def apply_rope(x, cos, sin, xp=np):
-    """x rotated by its positions' angles, as a new C-contiguous array of x's shape.
+def apply_rope(x, cos, sin, xp=np, out=None):
+    """x rotated by its positions' angles, as a C-contiguous array of x's shape (`out` if given).
 
     x: [..., head_dim], any layout (e.g. a transposed view); cos/sin: [..., head_dim/2],
     broadcast against x's halves.
     """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    out = xp.empty(x.shape, dtype=xp.float32)
+    out = xp.empty(x.shape, dtype=xp.float32) if out is None else out
     o1, o2 = out[..., :half], out[..., half:]
     xp.multiply(x1, cos, out=o1)
     o1 -= x2 * sin

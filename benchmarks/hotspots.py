@@ -1,0 +1,179 @@
+"""Where minillm's time and memory go, on the real model (the hot-spot table in BENCHMARKS.md).
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/hotspots.py
+
+1. Time: cProfile over prompt 2048 (last logits), decode (128 tokens after 512) and score
+   (2048 tokens, 512-token chunks); each row is a function's inclusive share of the run.
+   "qkv/o GEMMs + residual" is block()'s own time: the projections are `@` expressions there.
+2. Dispatch floor: decode of a model with SmolLM2's 30 layers and heads but tiny matrices:
+   the per-token cost of the Python and NumPy calls themselves, which no BLAS can remove.
+3. Memory: scoring with the default window (n_local 8192): the weights, the session's cache
+   and scratch, the logits rows, and the largest temporaries of a chunk (tracemalloc peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import resource
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+import minillm
+from minillm.bench import bench_ids, blas_kernel
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = [  # (label, function name as cProfile records it)
+    ("attention (scores, softmax, values)", "attend"),
+    ("MLP (gate/up GEMM, SiLU, down GEMM)", "mlp"),
+    ("qkv/o GEMMs + residual (block's own)", "block"),
+    ("RoPE", "apply_rope"),
+    ("RMSNorm", "rms_norm"),
+    ("cache writes", "write"),
+    ("masks (per chunk)", "plan_chunk"),
+    ("lm_head (last logits)", "lm_head"),
+    ("lm_head + log-softmax (score)", "_nll_of_rows"),
+]
+
+
+def profile(fn) -> tuple[float, dict]:
+    pr = cProfile.Profile()
+    t = time.perf_counter()
+    pr.enable()
+    fn()
+    pr.disable()
+    wall = time.perf_counter() - t
+    stats = pstats.Stats(pr).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
+    share = {}
+    for label, name in ROWS:
+        hits = [v for (f, _, n), v in stats.items() if n == name and "minillm" in f]
+        own = name == "block"
+        secs = sum(v[2] if own else v[3] for v in hits)
+        share[label] = secs
+    return wall, share
+
+
+def workloads(model):
+    ids = bench_ids(model, 2048)
+
+    def decode():
+        s = model.session()
+        token = int(np.argmax(s.feed(ids[:512], logits="last")))
+        for _ in range(128):
+            token = int(np.argmax(s.feed([token], logits="last")))
+
+    return {
+        "prompt 2048": lambda: model.session().feed(ids, logits="last"),
+        "decode 128 after 512": decode,
+        "score 2048": lambda: model.session().nll(ids, chunk_size=512),
+    }
+
+
+def time_table(model) -> str:
+    runs = {}
+    for name, fn in workloads(model).items():
+        fn()  # warm-up
+        runs[name] = profile(fn)
+    names = list(runs)
+    lines = ["| share of run time | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, _ in ROWS:
+        cells = [runs[n][1][label] / runs[n][0] for n in names]
+        if any(c > 0.005 for c in cells):
+            lines.append(f"| {label} | " + " | ".join(f"{c:.0%}" for c in cells) + " |")
+    lines.append("| wall seconds (under cProfile) | "
+                 + " | ".join(f"{runs[n][0]:.2f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def dispatch_floor(model, tmp: Path) -> str:
+    """ms/token of decode for SmolLM2's layer and head structure with tiny matrices."""
+    import json
+
+    from minillm.tensorfile import write_safetensors
+    from minillm.weights import expected_shapes
+
+    cfg = json.loads(model.config.to_json())
+    cfg.update(hidden_size=cfg["num_attention_heads"] * 4, intermediate_size=8, head_dim=4,
+               vocab_size=model.config.vocab_size)
+    from minillm.config import Config
+    small = Config.from_dict(cfg)
+    rng = np.random.default_rng(0)
+    shapes = expected_shapes(small)
+    path = tmp / "floor.safetensors"
+    meta = {"minillm.format": "1", "minillm.config": small.to_json(),
+            "minillm.tokenizer_json": model_tokenizer_json(model)}
+    write_safetensors(str(path), shapes.items(),
+                      lambda k: rng.standard_normal(shapes[k]).astype(np.float32) * 0.1,
+                      metadata=meta)
+    tiny = minillm.load(path, backend="numpy")
+
+    def per_token(m):
+        s = m.session()
+        s.feed(bench_ids(m, 512), logits="none")
+        t = time.perf_counter()
+        for i in range(128):
+            s.feed([i + 100], logits="last")
+        return (time.perf_counter() - t) / 128 * 1e3
+
+    floor = min(per_token(tiny) for _ in range(3))
+    real = min(per_token(model) for _ in range(3))
+    return (f"decode ms/token: SmolLM2 {real:.1f}, same structure with tiny matrices "
+            f"{floor:.1f} (the dispatch floor, {floor / real:.0%} of the real step); the "
+            f"tiny model's lm_head still reads a {tiny.config.vocab_size}-row embedding")
+
+
+def model_tokenizer_json(model) -> str:
+    from minillm.tensorfile import SafetensorsFile
+    return SafetensorsFile(model.path).metadata["minillm.tokenizer_json"]
+
+
+def memory_table(model) -> str:
+    w = model.weights
+    arrays = [w.embed, w.norm] + ([] if w.lm_head is w.embed else [w.lm_head])
+    for lw in w.layers:
+        arrays += [lw.attn_norm, lw.w_qkv, lw.wo, lw.mlp_norm, lw.w_gate_up, lw.w_down]
+    weights_mb = sum(a.nbytes for a in arrays) / 1e6
+    ids = bench_ids(model, 2048)
+    s = model.session()
+    s.nll(ids[:1536], chunk_size=512)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    s.nll(ids[1536:], chunk_size=512)  # one 512-token chunk, cache well filled
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    c = s.cache
+    rows = [
+        ("weights (float32; shared page cache when memory-mapped)", weights_mb),
+        ("KV cache: K, V, un-rotated global K, positions", (c.k.nbytes + c.v.nbytes + c.k_raw.nbytes
+                                                           + c.pos.nbytes) / 1e6),
+        ("attention score scratch (one query block)", c._scratch.nbytes / 1e6),
+        ("logits rows for NLL (128 x vocab)", s._scratch.nbytes / 1e6),
+        ("activations: peak temporaries of a 512-token chunk (tracemalloc)", peak / 1e6),
+    ]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+    lines = ["| scoring, default window (n_local 8192) | MB |", "|---|---|"]
+    lines += [f"| {label} | {mb:.1f} |" for label, mb in rows]
+    lines.append(f"| process peak RSS (after all of the above) | {rss:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(ROOT / "weights" / "smollm2-135m-instruct.safetensors"))
+    p.add_argument("--tmp", default=str(ROOT / "build" / "hotspots"))
+    args = p.parse_args()
+    model = minillm.load(args.model, backend="numpy")
+    tmp = Path(args.tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    print(f"kernel: {blas_kernel()}\n")
+    print(time_table(model) + "\n")
+    print(dispatch_floor(model, tmp) + "\n")
+    print(memory_table(model))
+
+
+if __name__ == "__main__":
+    main()
