@@ -150,7 +150,8 @@ def memory_table(model) -> str:
         ("weights (float32; shared page cache when memory-mapped)", weights_mb),
         ("KV cache: K, V, un-rotated global K, positions", (c.k.nbytes + c.v.nbytes + c.k_raw.nbytes
                                                            + c.pos.nbytes) / 1e6),
-        ("attention score scratch (one query block)", c._scratch.nbytes / 1e6),
+        ("attention score scratch (one query block per worker)",
+         sum(a.nbytes for a in c._scratch) / 1e6),
         ("per-chunk buffers (norm, qkv, RoPE, attention, MLP; 512 rows)",
          sum(b.nbytes for b in c._buffers.values()) / 1e6),
         ("logits rows for NLL (128 x vocab)", s._scratch.nbytes / 1e6),

@@ -74,13 +74,22 @@ def attention_spec(cfg: Config, attention: str = "lminfinite", n_global: int | N
 
 @dataclass(frozen=True)
 class WritePlan:
-    """Where a chunk's keys go; index arrays on the backend, positions on the host."""
+    """Where a chunk's keys go; indices as slices where they run contiguously (the usual
+    case: a plain copy), else index arrays on the backend; positions on the host."""
     positions: np.ndarray     # positions kept (host)
     host_slots: np.ndarray    # their slots (host)
-    rows: object              # chunk rows kept (backend)
+    rows: object              # chunk rows kept
     slots: object
     global_rows: object       # rows/slots below n_global, also stored un-rotated
     global_slots: object
+    n_global_rows: int
+
+
+def _index(idx: np.ndarray, xp):
+    """idx as a slice when it counts up by one, else as a backend array."""
+    if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return xp.asarray(idx)
 
 
 class KVCache:
@@ -94,8 +103,9 @@ class KVCache:
         self.k_raw = xp.zeros(raw_shape, dtype=xp.float32)  # un-rotated global keys
         self.pos = np.full(n_slots, EMPTY, dtype=np.int64)
         self.length = 0  # positions written so far
-        # attention scores, reused by every layer; sized up front so it does not grow mid-stream
-        self._scratch = xp.empty(SCORE_BUDGET_BYTES // 4, dtype=xp.float32)
+        # attention scores, one buffer per worker thread, reused by every layer; the first is
+        # sized up front so it does not grow mid-stream
+        self._scratch = [xp.empty(SCORE_BUDGET_BYTES // 4, dtype=xp.float32)]
         self._buffers = {}  # a chunk's per-layer temporaries, reused by every layer and chunk
 
     @property
@@ -109,18 +119,21 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
+        temporaries = list(self._scratch) + list(self._buffers.values())
         return int(self.k.nbytes + self.v.nbytes + self.k_raw.nbytes + self.pos.nbytes
-                   + self._scratch.nbytes + sum(b.nbytes for b in self._buffers.values()))
+                   + sum(a.nbytes for a in temporaries))
 
-    def scratch(self, n: int):
-        """A flat float32 buffer of exactly n elements, grown (never shrunk) as blocks need.
+    def scratch(self, n: int, worker: int = 0):
+        """Worker's flat float32 buffer of exactly n elements, grown (never shrunk) as needed.
 
         Query blocks are sized to SCORE_BUDGET_BYTES, so it outgrows that only when a single
         query's scores are larger (the unbounded `full` preset on a very long stream).
         """
-        if self._scratch.size < n:
-            self._scratch = self.xp.empty(n, dtype=self.xp.float32)
-        return self._scratch[:n]
+        while len(self._scratch) <= worker:
+            self._scratch.append(self.xp.empty(SCORE_BUDGET_BYTES // 4, dtype=self.xp.float32))
+        if self._scratch[worker].size < n:
+            self._scratch[worker] = self.xp.empty(n, dtype=self.xp.float32)
+        return self._scratch[worker][:n]
 
     def buffer(self, name: str, shape: tuple[int, ...], n_q: int):
         """A float32 array of `shape` kept under `name` and reused: a chunk's temporaries have
@@ -163,15 +176,15 @@ class KVCache:
             keep[ring[:-self.spec.n_local]] = False  # overwritten within this chunk anyway
         rows = np.flatnonzero(keep)
         glob = positions[rows] < self.spec.n_global
-        dev = self.xp.asarray
-        return WritePlan(positions[rows], slots[rows], dev(rows), dev(slots[rows]),
-                         dev(rows[glob]), dev(slots[rows][glob]))
+        xp = self.xp
+        return WritePlan(positions[rows], slots[rows], _index(rows, xp), _index(slots[rows], xp),
+                         _index(rows[glob], xp), _index(slots[rows][glob], xp), int(glob.sum()))
 
     def write(self, layer: int, plan: "WritePlan", k_rot, k_raw, v) -> None:
         """Store one layer's chunk keys/values ([kv_heads, C, head_dim]) in their slots."""
         self.k[layer][:, :, plan.slots] = k_rot[:, plan.rows].transpose(0, 2, 1)
         self.v[layer][:, plan.slots] = v[:, plan.rows]
-        if len(plan.global_rows):
+        if plan.n_global_rows:
             self.k_raw[layer][:, plan.global_slots] = k_raw[:, plan.global_rows]
 
     def commit(self, plan: "WritePlan") -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import attention
+from . import attention, parallel
 from .cache import KVCache
 from .config import Config
 from .rope import apply_rope, cos_sin
@@ -24,18 +24,19 @@ def rms_norm(x, w, eps: float, xp, out=None):
     return h
 
 
-def mlp(x, lw: LayerWeights, cache: KVCache, xp):
+def mlp(x, lw: LayerWeights, gate_up, silu, out, xp):
     """SwiGLU, down(silu(gate(x)) * up(x)), with gate and up in one GEMM: silu(g) * u is
-    computed as g * u / (1 + exp(-g)) in place, in the cache's reusable buffers."""
-    n_q, f = x.shape[0], lw.w_down.shape[1]
-    gate_up = xp.matmul(x, lw.w_gate_up.T, out=cache.buffer("gate_up", (n_q, 2 * f), n_q))
+    computed as g * u / (1 + exp(-g)) in place. gate_up [C, 2F], silu [C, F] and out [C, D]
+    are the caller's buffers."""
+    f = lw.w_down.shape[1]
+    xp.matmul(x, lw.w_gate_up.T, out=gate_up)
     g, u = gate_up[:, :f], gate_up[:, f:]
-    e = xp.negative(g, out=cache.buffer("silu", (n_q, f), n_q))
+    e = xp.negative(g, out=silu)
     xp.exp(e, out=e)
     e += 1
     g *= u
     g /= e
-    return xp.matmul(g, lw.w_down.T, out=cache.buffer("proj", x.shape, n_q))
+    return xp.matmul(g, lw.w_down.T, out=out)
 
 
 class Rotations:
@@ -57,28 +58,39 @@ class Rotations:
 
 
 def block(x, lw: LayerWeights, layer: int, cfg: Config, cache: KVCache, plan, rot: Rotations,
-          xp):
+          rows: list, xp):
     """One transformer block: x [C, D] -> [C, D] (updated in place); writes this layer's
-    keys/values to the cache."""
+    keys/values to the cache. Row-wise work runs on each of `rows` (slices of the chunk) at
+    once; attention on the plan's query-block runs (see parallel)."""
     n_q, d, n_h, n_kv = x.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-
-    def buf(name, shape):  # every layer's temporaries have the same shapes: allocated once
-        return cache.buffer(name, shape, n_q)
-
-    h = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps, xp, out=buf("norm", x.shape))
-    qkv = xp.matmul(h, lw.w_qkv.T, out=buf("qkv", (n_q, lw.w_qkv.shape[0])))  # [C, (H + 2K) d]
+    eps, f = cfg.rms_norm_eps, lw.w_down.shape[1]
+    # every layer's temporaries have the same shapes: made once, in this thread
+    buf = {name: cache.buffer(name, shape, n_q) for name, shape in (
+        ("norm", x.shape), ("qkv", (n_q, lw.w_qkv.shape[0])), ("proj", x.shape),
+        ("gate_up", (n_q, 2 * f)), ("silu", (n_q, f)),
+        ("q_rot", (n_kv, n_q, n_h // n_kv, d)), ("k_rot", (n_kv, n_q, d)))}
+    qkv, q_rot, k_rot = buf["qkv"], buf["q_rot"], buf["k_rot"]
     # query head h belongs to key/value head h // group: view q as [K, C, group, d]
     q = qkv[:, :n_h * d].reshape(n_q, n_kv, n_h // n_kv, d).transpose(1, 0, 2, 3)
     k = qkv[:, n_h * d:(n_h + n_kv) * d].reshape(n_q, n_kv, d).transpose(1, 0, 2)  # [K, C, d]
     v = qkv[:, (n_h + n_kv) * d:].reshape(n_q, n_kv, d).transpose(1, 0, 2)
-    q_rot = apply_rope(q, rot.q_cos, rot.q_sin, xp, out=buf("q_rot", q.shape))
-    k_rot = apply_rope(k, rot.cos, rot.sin, xp, out=buf("k_rot", k.shape))
+
+    def project(_, r):  # normed rows -> q, k, v; q and k rotated
+        h = rms_norm(x[r], lw.attn_norm, eps, xp, out=buf["norm"][r])
+        xp.matmul(h, lw.w_qkv.T, out=qkv[r])                             # [C, (H + 2K) d]
+        apply_rope(q[:, r], rot.q_cos[r], rot.q_sin[r], xp, out=q_rot[:, r])
+        apply_rope(k[:, r], rot.cos[r], rot.sin[r], xp, out=k_rot[:, r])
+
+    def feed_forward(_, r):  # attention output projection, residuals and the MLP
+        x[r] += xp.matmul(a[r], lw.wo.T, out=buf["proj"][r])
+        h = rms_norm(x[r], lw.mlp_norm, eps, xp, out=buf["norm"][r])
+        x[r] += mlp(h, lw, buf["gate_up"][r], buf["silu"][r], buf["proj"][r], xp)
+
+    parallel.run(project, rows)
     q_capped = apply_rope(q, *rot.q_capped, xp) if plan.needs_capped else None
     a = attention.attend(q_rot, q_capped, k_rot, v, cache, layer, plan, xp)  # [C, H*d]
     cache.write(layer, plan.write, k_rot, k, v)
-    x += xp.matmul(a, lw.wo.T, out=buf("proj", x.shape))
-    x += mlp(rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps, xp, out=buf("norm", x.shape)), lw,
-             cache, xp)
+    parallel.run(feed_forward, rows)
     return x
 
 
@@ -89,11 +101,14 @@ def forward(weights: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
     The chunk must not straddle n_global (see attention.plan_chunk); the session splits it.
     """
     cache.reserve(int(positions[-1]) + 1)
-    plan = attention.plan_chunk(cache, positions, cfg.n_heads, xp)
+    n_parts = parallel.parts_for(len(positions), xp)
+    plan = attention.plan_chunk(cache, positions, cfg.n_heads, xp, n_parts)
     rot = Rotations(positions, freq, cache.spec.ceiling, cfg.head_dim, xp)
+    rows = parallel.row_ranges(len(positions), n_parts)
     x = xp.asarray(weights.embed[tokens])                                 # [C, D], a fresh copy
-    for layer, lw in enumerate(weights.layers):
-        x = block(x, lw, layer, cfg, cache, plan, rot, xp)
+    with parallel.chunk_threads(n_parts):
+        for layer, lw in enumerate(weights.layers):
+            x = block(x, lw, layer, cfg, cache, plan, rot, rows, xp)
     cache.commit(plan.write)
     return rms_norm(x, weights.norm, cfg.rms_norm_eps, xp)
 

@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 
+from . import parallel
 from .backend import to_device, to_host
 from .cache import AttentionSpec, KVCache, attention_spec
 from .errors import MiniLLMError
@@ -114,6 +115,12 @@ class Session:
             yield start, stop
             start = stop
 
+    def _threads(self, n_tokens: int):
+        """Hold BLAS single-threaded over a whole long feed, its short first chunk and its
+        logits included: after every threaded BLAS call its idle threads spin for about
+        0.1 s, slowing the split chunks that follow (see parallel)."""
+        return parallel.chunk_threads(parallel.parts_for(n_tokens, self.model.xp))
+
     def _advance(self, ids: np.ndarray, chunk_size: int):
         """Run the model over ids chunk by chunk, yielding (start, stop, hidden [C, D])."""
         m = self.model
@@ -136,13 +143,16 @@ class Session:
             raise ValueError(f"logits must be one of {LOGITS_MODES} (got {logits!r})")
         ids = self._ids(ids)
         out = np.empty((len(ids), self.model.config.vocab_size), np.float32) if logits == "all" else None
-        for a, b, h in self._advance(ids, chunk_size):
-            if logits == "all":
-                out[a:b] = to_host(lm_head(h, self.model.weights))
-        if logits == "last":
-            if self._last_hidden is None:
-                raise ValueError("no token has been fed yet")
-            return to_host(lm_head(self._last_hidden[None], self.model.weights))[0]
+        with self._threads(len(ids)):
+            for a, b, h in self._advance(ids, chunk_size):
+                if logits == "all":
+                    def logits_of(r, a=a, h=h):
+                        out[a + r.start:a + r.stop] = to_host(lm_head(h[r], self.model.weights))
+                    parallel.over_rows(logits_of, b - a, self.model.xp)
+            if logits == "last":
+                if self._last_hidden is None:
+                    raise ValueError("no token has been fed yet")
+                return to_host(lm_head(self._last_hidden[None], self.model.weights))[0]
         return out
 
     def nll(self, ids, chunk_size: int = 512) -> np.ndarray:
@@ -151,21 +161,29 @@ class Session:
         Logits are materialised NLL_ROWS rows at a time, never as a [len(ids), V] array.
         """
         ids = self._ids(ids)
-        xp, w = self.model.xp, self.model.weights
         out = np.full(len(ids), np.nan, dtype=np.float32)
+        with self._threads(len(ids)):
+            self._nll_chunks(ids, chunk_size, out)
+        return out
+
+    def _nll_chunks(self, ids: np.ndarray, chunk_size: int, out: np.ndarray) -> None:
+        xp, w = self.model.xp, self.model.weights
         prev = self._last_hidden
         for a, b, h in self._advance(ids, chunk_size):
             # states[r] predicts token first + r
             states = h[:-1] if prev is None else xp.concatenate([prev[None], h[:-1]])
             first = a if prev is not None else a + 1
+            scratch = self._nll_scratch()
             for r in range(0, len(states), NLL_ROWS):
                 rows = states[r:r + NLL_ROWS]
                 t0 = first + r
-                targets = xp.asarray(ids[t0:t0 + len(rows)])
-                out[t0:t0 + len(rows)] = to_host(
-                    _nll_of_rows(rows, targets, w.lm_head, self._nll_scratch(), xp))
+
+                def nll_of(p, rows=rows, t0=t0):  # rows p of this group, into scratch rows p
+                    targets = xp.asarray(ids[t0 + p.start:t0 + p.stop])
+                    out[t0 + p.start:t0 + p.stop] = to_host(
+                        _nll_of_rows(rows[p], targets, w.lm_head, scratch[p], xp))
+                parallel.over_rows(nll_of, len(rows), xp)
             prev = h[-1]
-        return out
 
     # --- checkpoints ------------------------------------------------------------------------
     def save(self, path: str, extra: str = "") -> None:

@@ -1,0 +1,107 @@
+"""A chunk's host work spread over the cores, one thread per core (NumPy backend only).
+
+BLAS runs a GEMM on every core, but NumPy's elementwise passes (norms, RoPE, SiLU, the
+softmax's max, exp and sum) run on one, and the attention's small per-block GEMMs gain little
+from BLAS threads. So a chunk of many tokens is computed by `workers()` threads, each on its
+own rows (or, in attention, its own query blocks), with BLAS single-threaded meanwhile; NumPy
+releases the GIL in both. BLAS stays single-threaded for the whole chunk rather than per
+step: its idle threads spin for a while after each call and would take the cores back.
+
+Single tokens (decode) and short chunks stay on one thread with BLAS threaded: a thread
+hand-off costs tens of microseconds, as much as a whole GEMV.
+
+The worker count defaults to BLAS's thread count; `set_workers` changes it. Limiting BLAS is
+process-wide, so sessions computing at once from different threads may briefly run each
+other's GEMMs single-threaded (slower, never wrong).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import nullcontext
+
+import numpy as np
+
+MIN_ROWS_PER_WORKER = 16  # below this a chunk is not worth splitting
+_state: dict = {}
+
+
+def _blas():
+    if "blas" not in _state:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _state["blas"] = ThreadpoolController().select(user_api="blas")
+        except Exception:  # no threadpoolctl or an unknown BLAS: never split
+            _state["blas"] = None
+    return _state["blas"]
+
+
+def workers() -> int:
+    """How many threads a long chunk is split over."""
+    if "workers" not in _state:
+        blas = _blas()
+        threads = [lib.num_threads for lib in blas.lib_controllers] if blas is not None else []
+        _state["workers"] = max(threads, default=1)
+    return _state["workers"]
+
+
+def set_workers(n: int) -> None:
+    if n < 1:
+        raise ValueError(f"workers must be at least 1 (got {n})")
+    _state["workers"] = int(n)
+
+
+def parts_for(n_rows: int, xp) -> int:
+    """How many threads share a chunk of n_rows: 1 for short chunks and for CuPy."""
+    if xp is not np or _blas() is None:
+        return 1
+    return max(1, min(workers(), n_rows // MIN_ROWS_PER_WORKER))
+
+
+def chunk_threads(n_parts: int):
+    """The context a split chunk runs in: BLAS single-threaded (a no-op for one part)."""
+    return _blas().limit(limits=1) if n_parts > 1 else nullcontext()
+
+
+def row_ranges(n: int, n_parts: int) -> list[slice]:
+    """n rows as n_parts contiguous, nearly equal slices."""
+    bounds = [n * i // n_parts for i in range(n_parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def split(costs: list[float], n: int) -> list[range]:
+    """At most n contiguous index ranges of roughly equal total cost (none empty)."""
+    total, bounds, acc = sum(costs), [0], 0.0
+    for i, c in enumerate(costs):
+        acc += c
+        if len(bounds) < n and acc >= total * len(bounds) / n and i + 1 < len(costs):
+            bounds.append(i + 1)
+    bounds.append(len(costs))
+    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def run(fn, parts: list) -> None:
+    """fn(part_index, part) for every part: the first on this thread, the others on the pool
+    at the same time (the caller holds chunk_threads, so BLAS inside is single-threaded)."""
+    futures = []
+    if len(parts) > 1:
+        pool, size = _state.get("pool", (None, 0))
+        if size < len(parts) - 1:
+            size = len(parts) - 1
+            pool = ThreadPoolExecutor(size, thread_name_prefix="minillm")
+            _state["pool"] = pool, size
+        futures = [pool.submit(fn, i, part) for i, part in enumerate(parts) if i]
+    try:
+        fn(0, parts[0])
+    finally:  # never return while a worker still writes into shared buffers
+        wait(futures)
+    for f in futures:
+        f.result()  # re-raises a worker's exception here
+
+
+def over_rows(fn, n_rows: int, xp) -> None:
+    """fn(rows) for slices covering [0, n_rows), at once on parts_for(n_rows) threads with
+    BLAS single-threaded (for work outside a chunk's forward pass, such as logits)."""
+    n_parts = parts_for(n_rows, xp)
+    with chunk_threads(n_parts):
+        run(lambda _, rows: fn(rows), row_ranges(n_rows, n_parts))

@@ -1,0 +1,94 @@
+"""Chunks split over threads: the same answers as the dense reference and as one thread.
+
+The suite runs with OPENBLAS_NUM_THREADS=1, where minillm would not split; these tests ask for
+two workers explicitly, so the threaded path (row halves, balanced attention-block runs,
+BLAS single-threaded meanwhile) runs everywhere.
+"""
+
+import numpy as np
+import pytest
+
+import minillm
+from minillm import parallel
+
+from conftest import BACKEND, rng_ids
+from test_lminfinite import make_session, reference_logits
+
+
+@pytest.fixture
+def two_workers():
+    before = parallel.workers()
+    parallel.set_workers(2)
+    yield
+    parallel.set_workers(before)
+
+
+def test_row_ranges_cover_in_order():
+    for n in (1, 2, 7, 33, 512):
+        for parts in (1, 2, 3, 8):
+            ranges = parallel.row_ranges(n, parts)
+            assert [i for r in ranges for i in range(n)[r]] == list(range(n))
+            sizes = [r.stop - r.start for r in ranges]
+            assert len(ranges) == min(n, parts) and max(sizes) - min(sizes) <= 1
+
+
+def test_split_is_contiguous_and_balanced():
+    costs = [1.0] * 8 + [8.0]
+    runs = parallel.split(costs, 2)
+    assert [i for r in runs for i in r] == list(range(9))
+    assert runs == [range(0, 8), range(8, 9)]
+    assert parallel.split([5.0], 4) == [range(0, 1)]
+    assert len(parallel.split([1.0] * 12, 3)) == 3
+
+
+def test_short_chunks_and_cupy_are_not_split(two_workers):
+    assert parallel.parts_for(2 * parallel.MIN_ROWS_PER_WORKER, np) == 2
+    assert parallel.parts_for(2 * parallel.MIN_ROWS_PER_WORKER - 1, np) == 1
+    assert parallel.parts_for(1, np) == 1
+    assert parallel.parts_for(10_000, object()) == 1  # any other array module
+
+
+def test_worker_errors_reach_the_caller(two_workers):
+    seen = []
+
+    def fn(i, part):
+        seen.append(i)
+        if i == 1:
+            raise RuntimeError("worker failed")
+
+    with pytest.raises(RuntimeError, match="worker failed"):
+        parallel.run(fn, [0, 1])
+    assert sorted(seen) == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["gqa", "llama3_headdim_odd"])
+@pytest.mark.parametrize("preset,n_global,n_local,ceiling", [
+    ("lminfinite", 3, 24, None), ("lminfinite", 2, 20, 30), ("window", 0, 24, None)])
+@pytest.mark.parametrize("chunk_size", [512, 40])
+def test_split_chunks_match_dense_reference(tiny_dir, two_workers, name, preset, n_global,
+                                            n_local, ceiling, chunk_size):
+    folder, torch_model = tiny_dir(name)
+    model = minillm.load(folder, backend=BACKEND)
+    ids = rng_ids(3 * n_local + 17, model.config.vocab_size, seed=11)
+    session = make_session(model, preset, n_global, n_local, ceiling)
+    ours = session.feed(ids, chunk_size=chunk_size)
+    ref = reference_logits(torch_model, ids, session.spec.n_global, n_local, session.spec.ceiling)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["lminfinite", "full"])
+def test_split_equals_one_thread(tiny_model, preset):
+    ids = rng_ids(300, tiny_model.config.vocab_size, seed=12)
+    results = []
+    before = parallel.workers()
+    try:
+        for n in (1, 2, 3):
+            parallel.set_workers(n)
+            s = make_session(tiny_model, preset, 4, 64, None)
+            logits = s.feed(ids[:150], chunk_size=100)
+            results.append((logits, s.nll(ids[150:], chunk_size=70), s.feed(ids[:5], logits="last")))
+    finally:
+        parallel.set_workers(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
