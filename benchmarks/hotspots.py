@@ -4,7 +4,10 @@
 
 1. Time: cProfile over prompt 2048 (last logits), decode (128 tokens after 512) and score
    (2048 tokens, 512-token chunks); each row is a function's inclusive share of the run.
-   "qkv/o GEMMs + residual" is block()'s own time: the projections are `@` expressions there.
+   "qkv/o GEMMs + residual" is the own time of block()'s row phases (project, feed_forward):
+   the projections are GEMMs there. cProfile sees one thread only, so the profile runs with
+   one worker (BLAS threaded, as before the split); the last row times each workload with
+   the default split over threads, unprofiled.
 2. Dispatch floor: decode of a model with SmolLM2's 30 layers and heads but tiny matrices:
    the per-token cost of the Python and NumPy calls themselves, which no BLAS can remove.
 3. Memory: scoring with the default window (n_local 8192): the weights, the session's cache
@@ -24,13 +27,14 @@ from pathlib import Path
 import numpy as np
 
 import minillm
+from minillm import parallel
 from minillm.bench import bench_ids, blas_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = [  # (label, function name as cProfile records it)
     ("attention (scores, softmax, values)", "attend"),
     ("MLP (gate/up GEMM, SiLU, down GEMM)", "mlp"),
-    ("qkv/o GEMMs + residual (block's own)", "block"),
+    ("qkv/o GEMMs + residual (block's own)", ("project", "feed_forward")),
     ("RoPE", "apply_rope"),
     ("RMSNorm", "rms_norm"),
     ("cache writes", "write"),
@@ -50,8 +54,9 @@ def profile(fn) -> tuple[float, dict]:
     stats = pstats.Stats(pr).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
     share = {}
     for label, name in ROWS:
-        hits = [v for (f, _, n), v in stats.items() if n == name and "minillm" in f]
-        own = name == "block"
+        own = isinstance(name, tuple)  # block's phases: own time, the GEMMs are inline
+        hits = [v for (f, _, n), v in stats.items()
+                if (n in name if own else n == name) and "minillm" in f]
         secs = sum(v[2] if own else v[3] for v in hits)
         share[label] = secs
     return wall, share
@@ -74,18 +79,27 @@ def workloads(model):
 
 
 def time_table(model) -> str:
-    runs = {}
+    runs, threaded = {}, {}
+    workers = parallel.workers()
     for name, fn in workloads(model).items():
+        parallel.set_workers(1)
         fn()  # warm-up
         runs[name] = profile(fn)
+        parallel.set_workers(workers)
+        fn()
+        t = time.perf_counter()
+        fn()
+        threaded[name] = time.perf_counter() - t
     names = list(runs)
     lines = ["| share of run time | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, _ in ROWS:
         cells = [runs[n][1][label] / runs[n][0] for n in names]
         if any(c > 0.005 for c in cells):
             lines.append(f"| {label} | " + " | ".join(f"{c:.0%}" for c in cells) + " |")
-    lines.append("| wall seconds (under cProfile) | "
+    lines.append("| wall seconds (under cProfile, one worker) | "
                  + " | ".join(f"{runs[n][0]:.2f}" for n in names) + " |")
+    lines.append(f"| wall seconds ({workers} workers, no profiler) | "
+                 + " | ".join(f"{threaded[n]:.2f}" for n in names) + " |")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from .weights import LayerWeights, Weights
 def rms_norm(x, w, eps: float, xp, out=None):
     """x / rms(x) * w over the last axis (into `out` when given)."""
     sq = xp.multiply(x, x, out=out)
-    scale = xp.sqrt(sq.mean(axis=-1, keepdims=True) + np.float32(eps))
+    scale = xp.sqrt(sq.sum(axis=-1, keepdims=True) / np.float32(x.shape[-1]) + np.float32(eps))
     h = xp.divide(x, scale, out=sq)
     h *= w
     return h
@@ -57,18 +57,23 @@ class Rotations:
             self.q_capped = cos * scale, sin * scale
 
 
+def chunk_buffers(cfg: Config, cache: KVCache, n_q: int) -> dict:
+    """A chunk's per-layer temporaries: every layer's have the same shapes, so all layers
+    (and later chunks) reuse the cache's buffers."""
+    d, n_h, n_kv, f = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size
+    return {name: cache.buffer(name, shape, n_q) for name, shape in (
+        ("norm", (n_q, cfg.hidden_size)), ("qkv", (n_q, (n_h + 2 * n_kv) * d)),
+        ("proj", (n_q, cfg.hidden_size)), ("gate_up", (n_q, 2 * f)), ("silu", (n_q, f)),
+        ("q_rot", (n_kv, n_q, n_h // n_kv, d)), ("k_rot", (n_kv, n_q, d)))}
+
+
 def block(x, lw: LayerWeights, layer: int, cfg: Config, cache: KVCache, plan, rot: Rotations,
-          rows: list, xp):
+          rows: list, buf: dict, xp):
     """One transformer block: x [C, D] -> [C, D] (updated in place); writes this layer's
     keys/values to the cache. Row-wise work runs on each of `rows` (slices of the chunk) at
-    once; attention on the plan's query-block runs (see parallel)."""
+    once; attention on the plan's query-block runs (see parallel). buf: chunk_buffers."""
     n_q, d, n_h, n_kv = x.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-    eps, f = cfg.rms_norm_eps, lw.w_down.shape[1]
-    # every layer's temporaries have the same shapes: made once, in this thread
-    buf = {name: cache.buffer(name, shape, n_q) for name, shape in (
-        ("norm", x.shape), ("qkv", (n_q, lw.w_qkv.shape[0])), ("proj", x.shape),
-        ("gate_up", (n_q, 2 * f)), ("silu", (n_q, f)),
-        ("q_rot", (n_kv, n_q, n_h // n_kv, d)), ("k_rot", (n_kv, n_q, d)))}
+    eps = cfg.rms_norm_eps
     qkv, q_rot, k_rot = buf["qkv"], buf["q_rot"], buf["k_rot"]
     # query head h belongs to key/value head h // group: view q as [K, C, group, d]
     q = qkv[:, :n_h * d].reshape(n_q, n_kv, n_h // n_kv, d).transpose(1, 0, 2, 3)
@@ -105,10 +110,11 @@ def forward(weights: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
     plan = attention.plan_chunk(cache, positions, cfg.n_heads, xp, n_parts)
     rot = Rotations(positions, freq, cache.spec.ceiling, cfg.head_dim, xp)
     rows = parallel.row_ranges(len(positions), n_parts)
+    buf = chunk_buffers(cfg, cache, len(positions))
     x = xp.asarray(weights.embed[tokens])                                 # [C, D], a fresh copy
     with parallel.chunk_threads(n_parts):
         for layer, lw in enumerate(weights.layers):
-            x = block(x, lw, layer, cfg, cache, plan, rot, rows, xp)
+            x = block(x, lw, layer, cfg, cache, plan, rot, rows, buf, xp)
     cache.commit(plan.write)
     return rms_norm(x, weights.norm, cfg.rms_norm_eps, xp)
 
