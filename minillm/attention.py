@@ -71,8 +71,9 @@ def plan_chunk(cache: KVCache, positions: np.ndarray, n_heads: int, xp,
     """Split a chunk into query blocks and derive each block's masks from slot positions;
     the blocks are grouped into at most n_parts runs of similar cost (one per thread).
 
-    The caller guarantees a chunk never straddles n_global (positions all below it or all at
-    or above it), so the chunk's own keys are always scored on the local branch.
+    The caller guarantees that no query is n_local or more past a global key of its own chunk
+    (a chunk holding positions below n_global is at most n_local long, or ends at n_global),
+    so the chunk's own keys are always scored on the local branch.
     """
     spec, n_q = cache.spec, len(positions)
     n_used = cache.n_used

@@ -103,7 +103,8 @@ def forward(weights: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
             cache: KVCache, freq: np.ndarray, xp):
     """Final-normed hidden states [C, D] for a chunk; the cache advances past it.
 
-    The chunk must not straddle n_global (see attention.plan_chunk); the session splits it.
+    No query of the chunk may be n_local or more past a global key of the same chunk (see
+    attention.plan_chunk); the session splits chunks so.
     """
     cache.reserve(int(positions[-1]) + 1)
     n_parts = parallel.parts_for(len(positions), xp)

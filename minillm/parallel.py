@@ -10,9 +10,11 @@ step: its idle threads spin for a while after each call and would take the cores
 Single tokens (decode) and short chunks stay on one thread with BLAS threaded: a thread
 hand-off costs tens of microseconds, as much as a whole GEMV.
 
-The worker count defaults to BLAS's thread count; `set_workers` changes it. Limiting BLAS is
-process-wide, so sessions computing at once from different threads may briefly run each
-other's GEMMs single-threaded (slower, never wrong).
+The worker count defaults to BLAS's thread count on machines with up to SPLIT_MAX_THREADS of
+them, and to 1 (no split, BLAS threaded as usual) above: on a 16-core host, one thread per
+core and single-threaded GEMMs on 32-row slices lost to BLAS's own threading (BENCHMARKS.md).
+`set_workers` changes it. Limiting BLAS is process-wide, so sessions computing at once from
+different threads may briefly run each other's GEMMs single-threaded (slower, never wrong).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from contextlib import nullcontext
 import numpy as np
 
 MIN_ROWS_PER_WORKER = 16  # below this a chunk is not worth splitting
+SPLIT_MAX_THREADS = 4     # split by default on machines with at most this many BLAS threads
 _state: dict = {}
 
 
@@ -41,7 +44,8 @@ def workers() -> int:
     if "workers" not in _state:
         blas = _blas()
         threads = [lib.num_threads for lib in blas.lib_controllers] if blas is not None else []
-        _state["workers"] = max(threads, default=1)
+        n = max(threads, default=1)
+        _state["workers"] = n if n <= SPLIT_MAX_THREADS else 1
     return _state["workers"]
 
 

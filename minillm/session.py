@@ -104,13 +104,15 @@ class Session:
         return self._scratch
 
     def _chunks(self, n: int, chunk_size: int):
-        """[start, stop) row ranges of at most chunk_size that never straddle n_global."""
+        """[start, stop) row ranges of at most chunk_size; one that holds global positions
+        (below n_global) and is longer than n_local ends at n_global, so that no query of a
+        chunk is n_local or more past one of the chunk's own global keys (attention.plan_chunk)."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1 (got {chunk_size})")
-        start, g = 0, self.spec.n_global - self.position
+        start, g, n_local = 0, self.spec.n_global - self.position, self.spec.n_local
         while start < n:
             stop = min(n, start + chunk_size)
-            if start < g < stop:
+            if start < g < stop and n_local is not None and stop - start > n_local:
                 stop = g
             yield start, stop
             start = stop
