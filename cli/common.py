@@ -48,7 +48,8 @@ def model_argument(fn):
 
 def backend_options(fn):
     fn = click.option("--threads", type=click.IntRange(min=1), default=None,
-                      help="BLAS threads (default: all cores).")(fn)
+                      help="CPU threads (default: all cores): BLAS's, and with at most 4, "
+                           "the threads a long chunk is split over.")(fn)
     fn = click.option("--backend", type=click.Choice(["auto", "numpy", "cupy"]), default="auto",
                       show_default=True,
                       help="Array backend: cupy when it imports and sees a GPU (auto), else numpy.")(fn)
