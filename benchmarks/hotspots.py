@@ -8,10 +8,13 @@
    the projections are GEMMs there. cProfile sees one thread only, so the profile runs with
    one worker (BLAS threaded, as before the split); the last row times each workload with
    the default split over threads, unprofiled.
-2. Dispatch floor: decode of a model with SmolLM2's 30 layers and heads but tiny matrices:
-   the per-token cost of the Python and NumPy calls themselves, which no BLAS can remove.
+2. Decode floors: the decode step's GEMVs alone (one row through every weight matrix and the
+   lm_head: the weight reads), and decode of a model with SmolLM2's 30 layers and heads but
+   tiny matrices (the per-token cost of the Python and NumPy calls themselves).
 3. Memory: scoring with the default window (n_local 8192): the weights, the session's cache
    and scratch, the logits rows, and the largest temporaries of a chunk (tracemalloc peak).
+4. GEMM speed: one 512-token chunk through layer 0's projection matrices, NumPy's BLAS against
+   torch's on the same shapes and threads (when torch is installed).
 """
 
 from __future__ import annotations
@@ -156,6 +159,36 @@ def gemv_pass(model, steps: int = 64) -> float:
     return (time.perf_counter() - t) / steps * 1e3
 
 
+def gemm_rates(model, rows: int = 512) -> str:
+    """GFLOP/s of one prompt chunk's projection GEMMs (rows x every layer-0 matrix), NumPy's
+    BLAS against torch's (MKL) when torch is installed, same threads; best of 5."""
+    lw = model.weights.layers[0]
+    mats = [lw.w_qkv, lw.wo, lw.w_gate_up, lw.w_down]
+    flops = sum(2 * rows * m.shape[0] * m.shape[1] for m in mats)
+    xs = [np.random.default_rng(0).standard_normal((rows, m.shape[1]), np.float32) for m in mats]
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return flops / min(times) / 1e9
+
+    ours = best(lambda: [x @ m.T for x, m in zip(xs, mats)])
+    line = f"projection GEMMs of a {rows}-token chunk: NumPy ({blas_kernel()}) {ours:.0f} GFLOP/s"
+    try:
+        import torch
+    except ImportError:
+        return line + "; torch not installed"
+    torch.set_num_threads(max(1, parallel.workers()))
+    tx, tm = [torch.from_numpy(x) for x in xs], [torch.from_numpy(np.array(m)) for m in mats]
+    with torch.inference_mode():
+        theirs = best(lambda: [x @ m.T for x, m in zip(tx, tm)])
+    return line + f", torch {torch.__version__} {theirs:.0f} GFLOP/s ({ours / theirs:.2f}x)"
+
+
 def model_tokenizer_json(model) -> str:
     from minillm.tensorfile import SafetensorsFile
     return SafetensorsFile(model.path).metadata["minillm.tokenizer_json"]
@@ -205,7 +238,8 @@ def main() -> None:
     print(f"kernel: {blas_kernel()}\n")
     print(time_table(model) + "\n")
     print(dispatch_floor(model, tmp) + "\n")
-    print(memory_table(model))
+    print(memory_table(model) + "\n")
+    print(gemm_rates(model))  # last: importing torch would raise the peak RSS above
 
 
 if __name__ == "__main__":
