@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import parallel
 from .config import Config
 
 EMPTY = np.iinfo(np.int64).max  # position of an unused slot: in the future of every query
@@ -103,9 +104,11 @@ class KVCache:
         self.k_raw = xp.zeros(raw_shape, dtype=xp.float32)  # un-rotated global keys
         self.pos = np.full(n_slots, EMPTY, dtype=np.int64)
         self.length = 0  # positions written so far
-        # attention scores, one buffer per worker thread, reused by every layer; the first is
-        # sized up front so it does not grow mid-stream
-        self._scratch = [xp.empty(SCORE_BUDGET_BYTES // 4, dtype=xp.float32)]
+        # attention scores, one buffer per worker thread (parallel), reused by every layer;
+        # all made up front so that nothing grows mid-stream
+        workers = parallel.workers() if xp is np else 1
+        self._scratch = [xp.empty(SCORE_BUDGET_BYTES // 4, dtype=xp.float32)
+                         for _ in range(workers)]
         self._buffers = {}  # a chunk's per-layer temporaries, reused by every layer and chunk
 
     @property

@@ -92,3 +92,11 @@ def test_split_equals_one_thread(tiny_model, preset):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+
+
+def test_splitting_does_not_grow_the_session(tiny_model, two_workers):
+    s = make_session(tiny_model, "lminfinite", 4, 32, None)
+    s.feed(rng_ids(3, tiny_model.config.vocab_size, seed=13), logits="none")  # not split
+    before = s.nbytes
+    s.feed(rng_ids(200, tiny_model.config.vocab_size, seed=14), chunk_size=64, logits="none")
+    assert s.nbytes == before
