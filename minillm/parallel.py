@@ -95,13 +95,11 @@ def run(fn, parts: list) -> None:
             pool = ThreadPoolExecutor(size, thread_name_prefix="minillm")
             _state["pool"] = pool, size
         futures = [pool.submit(fn, i, part) for i, part in enumerate(parts) if i]
-    if not futures:
-        fn(0, parts[0])
-        return
     try:
         fn(0, parts[0])
     finally:  # never return while a worker still writes into shared buffers
-        wait(futures)
+        if futures:
+            wait(futures)
     for f in futures:
         f.result()  # re-raises a worker's exception here
 
