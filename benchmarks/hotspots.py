@@ -110,7 +110,7 @@ def dispatch_floor(model, tmp: Path) -> str:
     """ms/token of decode for SmolLM2's layer and head structure with tiny matrices."""
     import json
 
-    from minillm.tensorfile import write_safetensors
+    from minillm.formats.safetensors import write_safetensors
     from minillm.weights import expected_shapes
 
     cfg = json.loads(model.config.to_json())
@@ -190,7 +190,7 @@ def gemm_rates(model, rows: int = 512) -> str:
 
 
 def model_tokenizer_json(model) -> str:
-    from minillm.tensorfile import SafetensorsFile
+    from minillm.formats.safetensors import SafetensorsFile
     return SafetensorsFile(model.path).metadata["minillm.tokenizer_json"]
 
 
@@ -208,16 +208,15 @@ def memory_table(model) -> str:
     s.nll(ids[1536:], chunk_size=512)  # one 512-token chunk, cache well filled
     peak = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
-    c = s.cache
+    c, work = s.cache, s.workspace
     rows = [
         ("weights (float32; shared page cache when memory-mapped)", weights_mb),
-        ("KV cache: K, V, un-rotated global K, positions", (c.k.nbytes + c.v.nbytes + c.k_raw.nbytes
-                                                           + c.pos.nbytes) / 1e6),
+        ("KV cache: K, V, un-rotated global K, positions", c.nbytes / 1e6),
         ("attention score scratch (one query block per worker)",
-         sum(a.nbytes for a in c._scratch) / 1e6),
-        ("per-chunk buffers (norm, qkv, RoPE, attention, MLP; 512 rows)",
-         sum(b.nbytes for b in c._buffers.values()) / 1e6),
-        ("logits rows for NLL (128 x vocab)", s._scratch.nbytes / 1e6),
+         sum(a.nbytes for a in work._scores) / 1e6),
+        ("per-chunk buffers (norms, qkv, RoPE, attention, MLP; 512 rows)",
+         sum(b.nbytes for b in work._buffers.values()) / 1e6),
+        ("logits rows for NLL (128 x vocab)", work.logits_rows.nbytes / 1e6),
         ("activations: peak temporaries of a 512-token chunk (tracemalloc)", peak / 1e6),
     ]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6

@@ -65,7 +65,7 @@ def info(model, as_json, backend, threads):
 
 
 @cli.command()
-@click.argument("src", type=click.Path(exists=True, dir_okay=True, path_type=str))
+@click.argument("src", type=click.Path(dir_okay=True, path_type=str))
 @click.argument("out", type=click.Path(dir_okay=False, writable=True, path_type=str))
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True, help="Stored dtype (float32 is memory-mapped without a copy).")

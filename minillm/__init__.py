@@ -1,7 +1,7 @@
 """minillm: a Llama runtime in NumPy/CuPy built around LM-Infinite streaming."""
 
+from .api import Model, load
 from .errors import MiniLLMError, ModelFileError
-from .loader import Model, load
 from .session import Session
 
 __all__ = ["load", "Model", "Session", "MiniLLMError", "ModelFileError"]

@@ -1,5 +1,7 @@
 """Errors that reach the user as one clear line (the CLI prints str(err) and exits 1)."""
 
+from __future__ import annotations
+
 
 class MiniLLMError(Exception):
     """Base class: a runtime error whose message is one line meant for the user."""
@@ -7,3 +9,8 @@ class MiniLLMError(Exception):
 
 class ModelFileError(MiniLLMError):
     """A model file (or folder) is missing, corrupt, inconsistent or unsupported."""
+
+
+def one_line(err: BaseException) -> str:
+    """A library's error message to quote inside ours: all of it on one line, or the error's type."""
+    return " ".join(str(err).split()) or type(err).__name__

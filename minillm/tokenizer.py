@@ -8,27 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
-from .errors import ModelFileError
+from .errors import ModelFileError, one_line
+from .formats.hf_folder import post_processor_bos
 
 _REPLACEMENT = "\ufffd"
 # An incomplete UTF-8 character spans at most 3 pending bytes, each in its own token at worst; past
 # this many held-back ids a trailing U+FFFD is real text (or undecodable bytes) and is let through.
 _MAX_PENDING = 8
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
-def _config_token(config: dict, key: str) -> str | None:
-    """A token string from tokenizer_config.json, where it is either a string or {"content": ...}."""
-    value = config.get(key)
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
 
 
 def _adds_prefix_space(normalizer, pre_tokenizer) -> bool:
@@ -61,25 +48,17 @@ class _HFBackend:
             self._parsing = HFTokenizer.from_str(json_text)
             self._literal = HFTokenizer.from_str(json_text)
         except Exception as err:  # the Rust side raises a bare Exception on bad JSON or schema
-            raise ModelFileError(f"invalid tokenizer.json: {_one_line(err)}") from None
+            raise ModelFileError(f"invalid tokenizer.json: {one_line(err)}") from None
         self._literal.encode_special_tokens = True
         vocab = self._parsing.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values(), default=-1) + 1
         decoder = self._parsing.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, tok in decoder.items() if tok.special)
-        self.default_bos, self.default_eos = self._post_processor_bos(json_text), None
+        bos = post_processor_bos(json_text)
+        self.default_bos = self.token_to_id(bos) if bos is not None else None
+        self.default_eos = None
         spec = json.loads(json_text)
         self.prefixes_space = _adds_prefix_space(spec.get("normalizer"), spec.get("pre_tokenizer"))
-
-    def _post_processor_bos(self, json_text: str) -> int | None:
-        """The id a TemplateProcessing post-processor puts before the text (Llama 3 style), if any."""
-        post = json.loads(json_text).get("post_processor") or {}
-        if post.get("type") != "TemplateProcessing":
-            return None
-        first = (post.get("single") or [{}])[0]
-        if "SpecialToken" not in first:
-            return None
-        return self.token_to_id(first["SpecialToken"]["id"])
 
     def encode(self, text: str, special: bool) -> list[int]:
         backend = self._parsing if special else self._literal
@@ -102,7 +81,7 @@ class _SPBackend:
         try:
             self._sp.LoadFromSerializedProto(model_bytes)
         except Exception as err:
-            raise ModelFileError(f"invalid SentencePiece model: {_one_line(err)}") from None
+            raise ModelFileError(f"invalid SentencePiece model: {one_line(err)}") from None
         self.vocab_size = self._sp.get_piece_size()
         self.special_ids = frozenset(i for i in range(self.vocab_size) if self._sp.is_control(i))
         pieces = sorted(filter(None, map(self._sp.id_to_piece, self.special_ids)), key=len, reverse=True)
@@ -144,7 +123,11 @@ class _SPBackend:
 
 
 class Tokenizer:
-    """encode/decode with the model's own rules; see DESIGN.md §6 (Tokenization)."""
+    """encode/decode with the model's own rules: BOS only where its config asks, EOS never.
+
+    A tokenizer config is the normalized one every model source carries (plain add_bos_token,
+    bos_token and eos_token: `minillm.formats.hf_folder.normalize_tokenizer_config`).
+    """
 
     def __init__(self, backend, add_bos: bool, bos_id: int | None, eos_id: int | None):
         self._backend = backend
@@ -161,8 +144,8 @@ class Tokenizer:
         config = config or {}
 
         def config_id(key: str, default: int | None) -> int | None:
-            token = _config_token(config, key)
-            found = backend.token_to_id(token) if token is not None else None
+            token = config.get(key)
+            found = backend.token_to_id(token) if isinstance(token, str) else None
             return found if found is not None else default
 
         bos = bos_id if bos_id is not None else config_id("bos_token", backend.default_bos)
@@ -187,36 +170,13 @@ class Tokenizer:
         return cls._build(backend, tokenizer_config, backend.default_bos is not None, bos_id, eos_id)
 
     @classmethod
-    def from_folder(cls, folder, *, bos_id=None, eos_id=None) -> Tokenizer:
-        """A Hugging Face folder: tokenizer.json (preferred) or tokenizer.model, tokenizer_config.json."""
-        folder = Path(folder)
-        config_path = folder / "tokenizer_config.json"
-        try:
-            config = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else None
-        except (OSError, ValueError) as err:
-            raise ModelFileError(f"{config_path}: unreadable tokenizer config: {_one_line(err)}") from None
-        for name, build in (("tokenizer.json", cls._json_file), ("tokenizer.model", cls._sp_file)):
-            path = folder / name
-            if path.is_file():
-                try:
-                    return build(path, config, bos_id, eos_id)
-                except ModelFileError as err:
-                    raise ModelFileError(f"{path}: {err}") from None
-                except OSError as err:
-                    raise ModelFileError(f"{path}: cannot read: {_one_line(err)}") from None
-        raise ModelFileError(f"{folder}: no tokenizer.json or tokenizer.model")
-
-    @classmethod
-    def _json_file(cls, path: Path, config, bos_id, eos_id) -> Tokenizer:
-        try:
-            text = path.read_text("utf-8")
-        except UnicodeDecodeError:
-            raise ModelFileError("invalid tokenizer.json: not UTF-8 text") from None
-        return cls.from_tokenizer_json(text, config, bos_id=bos_id, eos_id=eos_id)
-
-    @classmethod
-    def _sp_file(cls, path: Path, config, bos_id, eos_id) -> Tokenizer:
-        return cls.from_sentencepiece(path.read_bytes(), config, bos_id=bos_id, eos_id=eos_id)
+    def from_source(cls, src, *, bos_id=None, eos_id=None) -> Tokenizer:
+        """A model source's tokenizer (see minillm.formats): its tokenizer.json, else SentencePiece."""
+        if src.tokenizer_json is not None:
+            return cls.from_tokenizer_json(src.tokenizer_json, src.tokenizer_config,
+                                           bos_id=bos_id, eos_id=eos_id)
+        return cls.from_sentencepiece(src.sentencepiece_model, src.tokenizer_config,
+                                      bos_id=bos_id, eos_id=eos_id)
 
     def encode(self, text: str, special: bool = False) -> list[int]:
         """Token ids of `text`; special=True turns special-token strings in it into their ids."""

@@ -9,6 +9,7 @@ import base64
 import json
 import pathlib
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -22,8 +23,11 @@ from safetensors.torch import load_file as load_torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from minillm.config import Config  # noqa: E402
-from minillm.convert import GGUFSource, HFFolderSource, convert, open_source, unpermute_qk  # noqa: E402
+from minillm.convert import convert  # noqa: E402
 from minillm.errors import ModelFileError  # noqa: E402
+from minillm.formats import open_model  # noqa: E402
+from minillm.formats.gguf import GGUFSource, unpermute_qk  # noqa: E402
+from minillm.formats.hf_folder import HFFolderSource  # noqa: E402
 
 SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: LlamaConfig's default bos/eos ids
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
@@ -226,7 +230,7 @@ def test_sharded_folder(tmp_path, bpe):
     folder = save_tiny_llama(tmp_path / "hf", bpe, tie=False, max_shard_size="50KB")
     assert (folder / "model.safetensors.index.json").exists()
     assert not (folder / "model.safetensors").exists()
-    src = open_source(folder)
+    src = open_model(folder)
     ref = {}
     for shard in folder.glob("model-*.safetensors"):
         ref.update(load_file(str(shard)))
@@ -250,7 +254,7 @@ def test_inv_freq_is_skipped(tmp_path, bpe):
 # -- GGUF
 
 def test_gguf_source_matches_hf(gguf_file, hf_folder, bpe):
-    src = open_source(gguf_file)
+    src = open_model(gguf_file)
     assert isinstance(src, GGUFSource)
     want = hf_tensors(hf_folder)
     assert set(src.keys()) == set(want)
@@ -334,7 +338,7 @@ def test_truncated_gguf(gguf_file, tmp_path, keep):
     p = tmp_path / "cut.gguf"
     p.write_bytes(data[:int(len(data) * keep)] if keep < 1 else data[:keep])
     with pytest.raises(ModelFileError) as e:
-        open_source(p)
+        open_model(p)
     assert_one_line_error(e, "cut.gguf")
 
 
@@ -384,11 +388,11 @@ def test_folder_without_weights_or_tokenizer(tmp_path, hf_folder):
     shutil.copytree(hf_folder, folder)
     (folder / "tokenizer.json").unlink()
     with pytest.raises(ModelFileError) as e:
-        open_source(folder)
+        open_model(folder)
     assert_one_line_error(e, "partial", "tokenizer.json")
     (folder / "model.safetensors").unlink()
     with pytest.raises(ModelFileError) as e:
-        open_source(folder)
+        open_model(folder)
     assert_one_line_error(e, "partial", "model.safetensors")
 
 
@@ -397,18 +401,26 @@ def test_shard_index_naming_a_missing_shard(tmp_path, bpe):
     missing = sorted(folder.glob("model-*.safetensors"))[-1]
     missing.unlink()
     with pytest.raises(ModelFileError) as e:
-        open_source(folder)
+        open_model(folder)
     assert_one_line_error(e, "sharded", missing.name)
 
 
 def test_missing_path(tmp_path):
     with pytest.raises(ModelFileError) as e:
-        open_source(tmp_path / "nope.gguf")
+        open_model(tmp_path / "nope.gguf")
     assert_one_line_error(e, "nope.gguf")
 
 
 def test_cli_entry(gguf_file, tmp_path, capsys):
-    from minillm.convert import main
+    from click.testing import CliRunner
+
+    from minillm_cli.main import cli
+
+    def main(argv):  # `minillm convert ARGV`: its exit status, its stderr to capsys
+        result = CliRunner().invoke(cli, ["convert", *argv])
+        sys.stderr.write(result.stderr)
+        return result.exit_code
+
     out = tmp_path / "cli.safetensors"
     assert main([str(gguf_file), str(out), "--dtype", "float16"]) == 0
     assert "wrote" in capsys.readouterr().err

@@ -12,7 +12,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from minillm.errors import ModelFileError
-from minillm.gguf_tokenizer import tokenizer_from_gguf
+from minillm.formats.gguf import tokenizer_from_gguf
+from minillm.formats.hf_folder import read_tokenizer
 from minillm.tokenizer import Tokenizer, check_vocab
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
@@ -261,21 +262,21 @@ def test_stream_decoder_releases_invalid_bytes(sp_tokenizer):
 # --- folders and bad input --------------------------------------------------------------------
 
 
-def test_from_folder_prefers_tokenizer_json(tmp_path, sp_model_bytes, smollm_reader):
+def test_folder_prefers_tokenizer_json(tmp_path, sp_model_bytes, smollm_reader):
     json_text, config = tokenizer_from_gguf(smollm_reader)
     (tmp_path / "tokenizer.model").write_bytes(sp_model_bytes)
     (tmp_path / "tokenizer.json").write_text(json_text, "utf-8")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
-    tokenizer = Tokenizer.from_folder(tmp_path)
+    tokenizer = Tokenizer.from_source(read_tokenizer(tmp_path))
     assert tokenizer.vocab_size == 49152
     assert tokenizer.add_bos and tokenizer.encode("hi")[0] == 1
 
 
-def test_from_folder_sentencepiece_config(tmp_path, sp_model_bytes, sp):
+def test_folder_sentencepiece_config(tmp_path, sp_model_bytes, sp):
     (tmp_path / "tokenizer.model").write_bytes(sp_model_bytes)
     config = {"add_bos_token": False, "eos_token": {"content": "<s>"}}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    tokenizer = Tokenizer.from_folder(tmp_path)
+    tokenizer = Tokenizer.from_source(read_tokenizer(tmp_path))
     assert tokenizer.encode("hello") == sp.encode("hello")
     assert tokenizer.eos_id == 1
 
@@ -287,7 +288,7 @@ def test_overrides_from_model_config(sp_model_bytes):
 
 def test_folder_without_tokenizer(tmp_path):
     with pytest.raises(ModelFileError, match="no tokenizer.json or tokenizer.model"):
-        Tokenizer.from_folder(tmp_path)
+        Tokenizer.from_source(read_tokenizer(tmp_path))
 
 
 def test_corrupt_sentencepiece_model():
@@ -304,7 +305,7 @@ def test_invalid_tokenizer_json(text):
 def test_corrupt_files_in_folder_name_the_file(tmp_path):
     (tmp_path / "tokenizer.json").write_bytes(b"\xff\xfe garbage")
     with pytest.raises(ModelFileError, match="tokenizer.json"):
-        Tokenizer.from_folder(tmp_path)
+        Tokenizer.from_source(read_tokenizer(tmp_path))
 
 
 def test_vocab_check(sp_model_bytes):

