@@ -9,7 +9,7 @@ import warnings
 
 import click
 
-from minillm.cache import PRESETS
+from minillm.attention import PRESETS
 
 from .common import (backend_options, load_model, model_argument, reports_errors,
                      sampling_options, sampling_params)

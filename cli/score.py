@@ -11,7 +11,7 @@ import time
 
 import click
 
-from minillm.cache import PRESETS, attention_spec
+from minillm.attention import PRESETS, attention_spec
 from minillm.errors import MiniLLMError
 from minillm.scoring import NLLCurve, Scorer
 

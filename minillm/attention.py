@@ -1,15 +1,15 @@
 """Λ-shaped attention with a distance ceiling (LM-Infinite), blocked over queries, GQA.
 
-For a query at position i and a key at position j <= i (DESIGN.md §1):
+For a query at position i and a key at position j <= i (docs/DESIGN.md, "The method"):
 
     i - j < n_local      ->  <R(i) q, R(j) k> / sqrt(d)    local branch: ordinary RoPE
     j < n_global         ->  <R(c) q,      k> / sqrt(d)    global branch: distance capped at c
     otherwise            ->  masked
 
-A chunk of new tokens attends to [cache slots | its own keys]; all masks are pure functions of
-positions, computed once per chunk on the host and shared by every layer. Scores are built
-one block of queries at a time, so no score matrix grows with the stream. Prefill, decode and
-every preset run this same computation.
+`lambda_mask` is that rule as a pure function of positions. A chunk of new tokens attends to
+[cache slots | its own keys]; the masks are computed once per chunk on the host and shared by
+every layer. Scores are built one block of queries at a time, so no score matrix grows with
+the stream. Prefill, decode and every preset run this same computation.
 """
 
 from __future__ import annotations
@@ -19,10 +19,72 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import parallel
-from .cache import SCORE_BUDGET_BYTES, KVCache, WritePlan
+from .backend import Array
+from .cache import KVCache, WritePlan
+from .config import Config
+from .workspace import SCORE_BUDGET_BYTES, Workspace
 
 NEG_INF = np.float32(-np.inf)
 BLOCKS_PER_PART = 4
+PRESETS = ("lminfinite", "window", "full")
+DEFAULT_N_GLOBAL = 10  # the paper's default; 10 to 100 behave alike
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Which keys a query sees, and how (see the module docstring)."""
+    preset: str
+    n_global: int
+    n_local: int | None   # None: unbounded (full attention)
+    ceiling: int | None   # None: no capped-distance branch
+
+    @property
+    def bounded(self) -> bool:
+        return self.n_local is not None
+
+
+def attention_spec(cfg: Config, attention: str = "lminfinite", n_global: int | None = None,
+                   n_local: int | None = None, ceiling: int | None = None) -> AttentionSpec:
+    """Resolve a preset and its overrides into an AttentionSpec (ValueError on bad values)."""
+    if attention not in PRESETS:
+        raise ValueError(f"unknown attention preset {attention!r} (choose from {', '.join(PRESETS)})")
+    if attention == "full":
+        return AttentionSpec("full", 0, None, None)
+    n_local = cfg.max_position_embeddings if n_local is None else int(n_local)
+    if n_local < 1:
+        raise ValueError(f"n_local must be at least 1 (got {n_local})")
+    if attention == "window":
+        if n_global:
+            raise ValueError("the window preset keeps no global tokens (n_global must be 0)")
+        if ceiling is not None:
+            raise ValueError("the window preset has no distance ceiling (ceiling must be unset)")
+        return AttentionSpec("window", 0, n_local, None)
+    n_global = DEFAULT_N_GLOBAL if n_global is None else int(n_global)
+    ceiling = n_local if ceiling is None else int(ceiling)
+    if not 0 <= n_global <= n_local:
+        raise ValueError(f"n_global must be between 0 and n_local ({n_local}), got {n_global}")
+    if ceiling < 0:
+        raise ValueError(f"ceiling must be non-negative (got {ceiling})")
+    return AttentionSpec("lminfinite", n_global, n_local, ceiling)
+
+
+def lambda_mask(query_positions: np.ndarray, key_positions: np.ndarray,
+                spec: AttentionSpec) -> tuple[np.ndarray, np.ndarray]:
+    """LM-Infinite's Λ mask: (local, capped), bool [queries, keys].
+
+    local[i, j]:  0 <= i - j < n_local (any j <= i when unbounded): ordinary RoPE scores
+    capped[i, j]: a global key (j < n_global) out of the window, scored with q rotated at the
+                  ceiling (only with a ceiling)
+    A key that is in neither is masked.
+    """
+    i = np.asarray(query_positions, dtype=np.int64)[:, None]
+    j = np.asarray(key_positions, dtype=np.int64)[None, :]
+    dist = i - j
+    causal = dist >= 0
+    local = causal if spec.n_local is None else causal & (dist < spec.n_local)
+    if spec.ceiling is None:
+        return local, np.zeros_like(local)
+    return local, causal & ~local & (j < spec.n_global)
 
 
 @dataclass
@@ -32,8 +94,8 @@ class QueryBlock:
     n_cache: int          # cache slots [0, n_cache) scored
     chunk_lo: int         # chunk keys [chunk_lo, stop) scored
     bias_lo: int          # the columns [bias_lo, bias_lo + bias width) of [cache | chunk keys]
-    bias: object          # hold every masked score: [block, width] 0 / -inf, or None (none)
-    capped: object        # [block, n_global] bool: global keys scored at the ceiling, or None
+    bias: Array | None    # hold every masked score: [block, width] 0 / -inf, or None (none)
+    capped: Array | None  # [block, n_global] bool: global keys scored at the ceiling, or None
 
 
 @dataclass
@@ -49,14 +111,7 @@ class ChunkPlan:
         return any(b.capped is not None for b in self.blocks)
 
 
-def _allowed(i: np.ndarray, j: np.ndarray, n_local: int | None) -> np.ndarray:
-    """Local branch mask [len(i), len(j)]: causal and within the window."""
-    dist = i[:, None] - j[None, :]
-    ok = dist >= 0
-    return ok if n_local is None else ok & (dist < n_local)
-
-
-def _bias(allowed: np.ndarray, xp) -> tuple[int, object]:
+def _bias(allowed: np.ndarray, xp) -> tuple[int, Array | None]:
     """The narrowest column span holding every masked entry, as (first column, 0/-inf bias);
     (0, None) when nothing is masked, so the softmax skips the pass."""
     masked = np.flatnonzero(~allowed.all(axis=0))
@@ -66,7 +121,7 @@ def _bias(allowed: np.ndarray, xp) -> tuple[int, object]:
     return int(lo), xp.asarray(np.where(allowed[:, lo:hi], np.float32(0), NEG_INF))
 
 
-def plan_chunk(cache: KVCache, positions: np.ndarray, n_heads: int, xp,
+def plan_chunk(spec: AttentionSpec, cache: KVCache, positions: np.ndarray, n_heads: int, xp,
                n_parts: int = 1) -> ChunkPlan:
     """Split a chunk into query blocks and derive each block's masks from slot positions;
     the blocks are grouped into at most n_parts runs of similar cost (one per thread).
@@ -75,8 +130,7 @@ def plan_chunk(cache: KVCache, positions: np.ndarray, n_heads: int, xp,
     (a chunk holding positions below n_global is at most n_local long, or ends at n_global),
     so the chunk's own keys are always scored on the local branch.
     """
-    spec, n_q = cache.spec, len(positions)
-    n_used = cache.n_used
+    n_q, n_used = len(positions), cache.n_used
     per_query = n_heads * (n_used + n_q) * 4
     # several blocks per thread, so that the runs can be balanced
     block = max(1, min(-(-n_q // (BLOCKS_PER_PART * n_parts)) if n_parts > 1 else n_q,
@@ -89,25 +143,21 @@ def plan_chunk(cache: KVCache, positions: np.ndarray, n_heads: int, xp,
         # a block whose queries are all past the ring's reach needs only the global slots
         ring_reach = spec.n_local is None or q_pos[0] - spec.n_local < cache.length
         n_cache = n_used if ring_reach else min(n_used, spec.n_global)
-        cache_ok = _allowed(q_pos, slot_pos[:n_cache], spec.n_local)
-        capped = None
-        if spec.ceiling is not None and spec.n_global and n_cache:
-            g = slot_pos[:min(n_cache, spec.n_global)]
-            capped_np = ~cache_ok[:, :len(g)] & (q_pos[:, None] >= g[None, :])
-            if capped_np.any():  # until the globals leave the window, nothing is capped
-                cache_ok[:, :len(g)] |= capped_np
-                capped = xp.asarray(capped_np)
+        local, capped = lambda_mask(q_pos, slot_pos[:n_cache], spec)
+        n_g = min(n_cache, spec.n_global)  # only the global slots can be capped
+        capped_globals = xp.asarray(capped[:, :n_g]) if capped.any() else None
         lo = 0 if spec.n_local is None else max(0, a - spec.n_local + 1)
-        chunk_ok = _allowed(q_pos, positions[lo:b], spec.n_local)
-        bias_lo, bias = _bias(np.concatenate([cache_ok, chunk_ok], axis=1), xp)
-        blocks.append(QueryBlock(a, b, n_cache, lo, bias_lo, bias, capped))
+        chunk_local, _ = lambda_mask(q_pos, positions[lo:b], spec)
+        bias_lo, bias = _bias(np.concatenate([local | capped, chunk_local], axis=1), xp)
+        blocks.append(QueryBlock(a, b, n_cache, lo, bias_lo, bias, capped_globals))
     runs = parallel.split([(b.stop - b.start) * (b.n_cache + b.stop - b.chunk_lo)
                            for b in blocks], n_parts)
     return ChunkPlan(positions, blocks, [blocks[r.start:r.stop] for r in runs],
                      cache.write_plan(positions))
 
 
-def attend(q, q_capped, k, v, cache: KVCache, layer: int, plan: ChunkPlan, xp):
+def attend(q: Array, q_capped: Array | None, k: Array, v: Array, cache: KVCache, layer: int,
+           plan: ChunkPlan, work: Workspace) -> Array:
     """Attention output [C, n_heads * head_dim] for one layer.
 
     q:        [kv_heads, C, group, d]  queries rotated at their positions, pre-scaled by
@@ -116,18 +166,19 @@ def attend(q, q_capped, k, v, cache: KVCache, layer: int, plan: ChunkPlan, xp):
     k, v:     [kv_heads, C, d] the chunk's keys (rotated) and values
 
     A block's scores are one [kv_heads, block * group, cache slots | chunk keys] array in the
-    cache's scratch, so the mask, max, exp and sum each make one pass over both parts.
+    workspace, so the mask, max, exp and sum each make one pass over both parts.
     """
+    xp = work.xp
     kv_heads, n_q, group, d = q.shape
     k_cache, v_cache = cache.k[layer], cache.v[layer]  # [kv_heads, d, slots], [kv_heads, slots, d]
-    out = cache.buffer("attention", (n_q, kv_heads, group, d), n_q)
+    out = work.buffer("attention", (n_q, kv_heads, group, d), n_q)
 
     def attend_blocks(worker: int, blocks: list) -> None:
         for blk in blocks:
             a, b, lo, n = blk.start, blk.stop, blk.chunk_lo, blk.n_cache
             rows, width = (b - a) * group, n + b - lo
             qb = q[:, a:b].reshape(kv_heads, rows, d)                      # rows: (query, group)
-            s = cache.scratch(kv_heads * rows * width, worker).reshape(kv_heads, rows, width)
+            s = work.scores(kv_heads * rows * width, worker).reshape(kv_heads, rows, width)
             xp.matmul(qb, k[:, lo:b].transpose(0, 2, 1), out=s[..., n:])
             if n:
                 xp.matmul(qb, k_cache[..., :n], out=s[..., :n])

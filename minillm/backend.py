@@ -12,6 +12,9 @@ from .errors import MiniLLMError
 
 BACKENDS = ("auto", "numpy", "cupy")
 
+# what model code takes and returns: a numpy.ndarray, or on the GPU a cupy.ndarray (same API)
+Array = np.ndarray
+
 
 def _cupy_with_gpu():
     """The cupy module when it imports and sees a GPU, else None."""

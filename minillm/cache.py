@@ -16,61 +16,15 @@ preset: the arrays grow (doubling).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import parallel
+from .backend import Array, to_device, to_host
 from .config import Config
 
 EMPTY = np.iinfo(np.int64).max  # position of an unused slot: in the future of every query
 FULL_INITIAL_SLOTS = 1024
-# attention scores of one query block, [heads, block, keys] float32: small enough to stay in
-# cache while the softmax passes over it, large enough to keep the GEMMs efficient
-SCORE_BUDGET_BYTES = 4 << 20
-TYPICAL_CHUNK = 512  # per-chunk buffers are first made large enough for chunks of this size
-
-
-@dataclass(frozen=True)
-class AttentionSpec:
-    """Which keys a query sees: see DESIGN.md §1."""
-    preset: str
-    n_global: int
-    n_local: int | None   # None: unbounded (full attention)
-    ceiling: int | None   # None: no capped-distance branch
-
-    @property
-    def bounded(self) -> bool:
-        return self.n_local is not None
-
-
-PRESETS = ("lminfinite", "window", "full")
-
-
-def attention_spec(cfg: Config, attention: str = "lminfinite", n_global: int | None = None,
-                   n_local: int | None = None, ceiling: int | None = None) -> AttentionSpec:
-    """Resolve a preset and its overrides into an AttentionSpec (ValueError on bad values)."""
-    if attention not in PRESETS:
-        raise ValueError(f"unknown attention preset {attention!r} (choose from {', '.join(PRESETS)})")
-    if attention == "full":
-        return AttentionSpec("full", 0, None, None)
-    n_local = cfg.max_position_embeddings if n_local is None else int(n_local)
-    if n_local < 1:
-        raise ValueError(f"n_local must be at least 1 (got {n_local})")
-    if attention == "window":
-        if n_global:
-            raise ValueError("the window preset keeps no global tokens (n_global must be 0)")
-        if ceiling is not None:
-            raise ValueError("the window preset has no distance ceiling (ceiling must be unset)")
-        return AttentionSpec("window", 0, n_local, None)
-    n_global = 10 if n_global is None else int(n_global)
-    ceiling = n_local if ceiling is None else int(ceiling)
-    if not 0 <= n_global <= n_local:
-        raise ValueError(f"n_global must be between 0 and n_local ({n_local}), got {n_global}")
-    if ceiling < 0:
-        raise ValueError(f"ceiling must be non-negative (got {ceiling})")
-    return AttentionSpec("lminfinite", n_global, n_local, ceiling)
 
 
 @dataclass(frozen=True)
@@ -79,10 +33,10 @@ class WritePlan:
     case: a plain copy), else index arrays on the backend; positions on the host."""
     positions: np.ndarray     # positions kept (host)
     host_slots: np.ndarray    # their slots (host)
-    rows: object              # chunk rows kept
-    slots: object
-    global_rows: object       # rows/slots below n_global, also stored un-rotated
-    global_slots: object
+    rows: slice | Array       # chunk rows kept
+    slots: slice | Array
+    global_rows: slice | Array  # rows/slots below n_global, also stored un-rotated
+    global_slots: slice | Array
     n_global_rows: int
 
 
@@ -94,22 +48,24 @@ def _index(idx: np.ndarray, xp):
 
 
 class KVCache:
-    def __init__(self, cfg: Config, spec: AttentionSpec, xp):
-        self.spec, self.xp = spec, xp
-        n_slots = spec.n_global + spec.n_local if spec.bounded else FULL_INITIAL_SLOTS
-        shape = (cfg.num_hidden_layers, cfg.n_kv_heads, n_slots, cfg.head_dim)
-        self.k = xp.zeros(shape[:2] + (cfg.head_dim, n_slots), dtype=xp.float32)  # rotated, K^T
-        self.v = xp.zeros(shape, dtype=xp.float32)
-        raw_shape = (cfg.num_hidden_layers, cfg.n_kv_heads, spec.n_global, cfg.head_dim)
-        self.k_raw = xp.zeros(raw_shape, dtype=xp.float32)  # un-rotated global keys
+    """Per layer: keys (rotated, transposed), values, un-rotated global keys; slot positions.
+
+    n_local=None is the unbounded `full` preset: the arrays grow (doubling) as positions come.
+    """
+
+    def __init__(self, cfg: Config, n_global: int, n_local: int | None, xp):
+        self.n_global, self.n_local, self.xp = n_global, n_local, xp
+        n_slots = n_global + n_local if n_local is not None else FULL_INITIAL_SLOTS
+        layers, kv_heads, d = cfg.num_hidden_layers, cfg.n_kv_heads, cfg.head_dim
+        self.k = xp.zeros((layers, kv_heads, d, n_slots), dtype=xp.float32)   # rotated, K^T
+        self.v = xp.zeros((layers, kv_heads, n_slots, d), dtype=xp.float32)
+        self.k_raw = xp.zeros((layers, kv_heads, n_global, d), dtype=xp.float32)  # un-rotated
         self.pos = np.full(n_slots, EMPTY, dtype=np.int64)
         self.length = 0  # positions written so far
-        # attention scores, one buffer per worker thread (parallel), reused by every layer;
-        # all made up front so that nothing grows mid-stream
-        workers = parallel.workers() if xp is np else 1
-        self._scratch = [xp.empty(SCORE_BUDGET_BYTES // 4, dtype=xp.float32)
-                         for _ in range(workers)]
-        self._buffers = {}  # a chunk's per-layer temporaries, reused by every layer and chunk
+
+    @property
+    def bounded(self) -> bool:
+        return self.n_local is not None
 
     @property
     def n_slots(self) -> int:
@@ -122,44 +78,17 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        temporaries = list(self._scratch) + list(self._buffers.values())
-        return int(self.k.nbytes + self.v.nbytes + self.k_raw.nbytes + self.pos.nbytes
-                   + sum(a.nbytes for a in temporaries))
-
-    def scratch(self, n: int, worker: int = 0):
-        """Worker's flat float32 buffer of exactly n elements, grown (never shrunk) as needed.
-
-        Query blocks are sized to SCORE_BUDGET_BYTES, so it outgrows that only when a single
-        query's scores are larger (the unbounded `full` preset on a very long stream).
-        """
-        while len(self._scratch) <= worker:
-            self._scratch.append(self.xp.empty(SCORE_BUDGET_BYTES // 4, dtype=self.xp.float32))
-        if self._scratch[worker].size < n:
-            self._scratch[worker] = self.xp.empty(n, dtype=self.xp.float32)
-        return self._scratch[worker][:n]
-
-    def buffer(self, name: str, shape: tuple[int, ...], n_q: int):
-        """A float32 array of `shape` kept under `name` and reused: a chunk's temporaries have
-        the same shapes in every layer, so they cost no allocation (and no page faults) after
-        the first. n_q is the chunk length in `shape`: the buffer is made large enough for
-        TYPICAL_CHUNK tokens at once, so it only grows for larger chunks. The contents are
-        the caller's to overwrite."""
-        n = math.prod(shape)
-        buf = self._buffers.get(name)
-        if buf is None or buf.size < n:
-            size = max(n, n // max(n_q, 1) * TYPICAL_CHUNK)
-            buf = self._buffers[name] = self.xp.empty(size, dtype=self.xp.float32)
-        return buf[:n].reshape(shape)
+        return int(self.k.nbytes + self.v.nbytes + self.k_raw.nbytes + self.pos.nbytes)
 
     def slot_of(self, positions: np.ndarray) -> np.ndarray:
-        g, n = self.spec.n_global, self.spec.n_local
+        g, n = self.n_global, self.n_local
         if n is None:
             return positions
         return np.where(positions < g, positions, g + (positions - g) % n)
 
     def reserve(self, end: int) -> None:
         """Unbounded cache only: grow (doubling) so that positions < end fit."""
-        if self.spec.bounded or end <= self.n_slots:
+        if self.bounded or end <= self.n_slots:
             return
         size = max(end, 2 * self.n_slots)
         xp, old = self.xp, self.n_slots
@@ -170,27 +99,27 @@ class KVCache:
         self.k, self.v = k, v
         self.pos = np.concatenate([self.pos, np.full(size - old, EMPTY, dtype=np.int64)])
 
-    def write_plan(self, positions: np.ndarray) -> "WritePlan":
+    def write_plan(self, positions: np.ndarray) -> WritePlan:
         """Which chunk rows go to which slots: all global positions, and the newest ring ones."""
         slots = self.slot_of(positions)
         keep = np.ones(len(positions), dtype=bool)
-        if self.spec.bounded:
-            ring = np.flatnonzero(positions >= self.spec.n_global)
-            keep[ring[:-self.spec.n_local]] = False  # overwritten within this chunk anyway
+        if self.bounded:
+            ring = np.flatnonzero(positions >= self.n_global)
+            keep[ring[:-self.n_local]] = False  # overwritten within this chunk anyway
         rows = np.flatnonzero(keep)
-        glob = positions[rows] < self.spec.n_global
+        glob = positions[rows] < self.n_global
         xp = self.xp
         return WritePlan(positions[rows], slots[rows], _index(rows, xp), _index(slots[rows], xp),
                          _index(rows[glob], xp), _index(slots[rows][glob], xp), int(glob.sum()))
 
-    def write(self, layer: int, plan: "WritePlan", k_rot, k_raw, v) -> None:
+    def write(self, layer: int, plan: WritePlan, k_rot: Array, k_raw: Array, v: Array) -> None:
         """Store one layer's chunk keys/values ([kv_heads, C, head_dim]) in their slots."""
         self.k[layer][:, :, plan.slots] = k_rot[:, plan.rows].transpose(0, 2, 1)
         self.v[layer][:, plan.slots] = v[:, plan.rows]
         if plan.n_global_rows:
             self.k_raw[layer][:, plan.global_slots] = k_raw[:, plan.global_rows]
 
-    def commit(self, plan: "WritePlan") -> None:
+    def commit(self, plan: WritePlan) -> None:
         """After all layers have written: the slots now hold these positions."""
         self.pos[plan.host_slots] = plan.positions
         self.length = int(plan.positions.max()) + 1
@@ -198,3 +127,21 @@ class KVCache:
     def reset(self) -> None:
         self.pos[:] = EMPTY
         self.length = 0
+
+    def used_slots(self) -> dict[str, np.ndarray]:
+        """Host copies of the slots in use, keys as [layers, kv_heads, slots, d] (checkpoints)."""
+        n = self.n_used
+        return {"k": to_host(self.k[..., :n]).swapaxes(2, 3), "v": to_host(self.v[:, :, :n]),
+                "k_raw": to_host(self.k_raw), "pos": self.pos[:n].copy()}
+
+    def restore(self, k: np.ndarray, v: np.ndarray, k_raw: np.ndarray, pos: np.ndarray,
+                length: int) -> None:
+        """Refill the cache from used_slots() arrays and the position after them."""
+        n = len(pos)
+        self.reserve(n)
+        self.k[..., :n] = to_device(self.xp, k).swapaxes(2, 3)
+        self.v[:, :, :n] = to_device(self.xp, v)
+        self.k_raw[...] = to_device(self.xp, k_raw)
+        self.pos[:] = EMPTY
+        self.pos[:n] = pos
+        self.length = int(length)

@@ -3,8 +3,8 @@
 The whole conversation lives in a single LM-Infinite session, so it never overflows. Each turn
 renders the template for all messages plus the new user message; the text already in the cache
 is a prefix of that render, and only the remainder is encoded and fed. A template that rewrites
-history (the render no longer extends what was fed) costs a reset and a full re-feed, never a
-wrong cache.
+history (the render no longer extends what was fed), or a turn cut short where the text fed so
+far is not known, costs a reset and a full re-feed, never a wrong cache.
 """
 
 from __future__ import annotations
@@ -132,28 +132,21 @@ class _StopText:
 
 
 class _TrackedSession:
-    """The session as generate_ids sees it, recording which ids were really fed.
+    """The session as generate_ids sees it, recording which ids really entered it.
 
-    Ctrl-C may land inside a feed. Chunks commit whole, so the position says what got in; a
-    half-written single token is harmless (its slot's old key is outside every later query's
-    window), but a half-written chunk of several tokens may have overwritten keys still in
-    reach: then the cache is `torn` and must be rebuilt.
+    Ctrl-C may land inside a feed; the session writes chunks all or nothing, so its position
+    says how many of the ids got in.
     """
 
     def __init__(self, session):
-        self.session, self.fed, self.torn = session, [], False
+        self.session, self.fed = session, []
 
     def feed(self, ids, **kw):
         ids, start = [int(i) for i in ids], self.session.position
         try:
-            out = self.session.feed(ids, **kw)
-        except BaseException:
-            done = self.session.position - start
-            self.fed += ids[:done]
-            self.torn = len(ids) - done > 1
-            raise
-        self.fed += ids
-        return out
+            return self.session.feed(ids, **kw)
+        finally:
+            self.fed += ids[:self.session.position - start]
 
 
 class Chat:
@@ -178,7 +171,7 @@ class Chat:
         self._rng = self.params.rng()
         self._recent = deque(maxlen=max(self.params.repeat_last_n, 1))  # for the repeat penalty
         self._fed_text = ""   # the rendered text whose tokens are in the session
-        self._torn = False    # the session must be rebuilt before the next turn
+        self._stale = False   # _fed_text is not known: rebuild the session before the next turn
         self._active = None   # the generator of an answer in progress
         self._last = {}       # timings of the last answer
 
@@ -202,7 +195,7 @@ class Chat:
 
     def _rebuild(self) -> None:
         self.session.reset()
-        self._fed_text, self._torn = "", False
+        self._fed_text, self._stale = "", False
 
     def _close_active(self) -> None:
         if self._active is not None:
@@ -219,7 +212,7 @@ class Chat:
     def _turn(self, text: str) -> Iterator[str]:
         messages = self.conversation() + [{"role": "user", "content": text}]
         rendered = self.render(messages)
-        if self._torn or not rendered.startswith(self._fed_text):
+        if self._stale or not rendered.startswith(self._fed_text):
             self._rebuild()  # the template rewrote history: feed the whole render
         remainder = rendered[len(self._fed_text):]
         prompt_ids = _encode(self.tokenizer, remainder)
@@ -258,9 +251,7 @@ class Chat:
         """Extend _fed_text by the text of the ids that really entered the session."""
         self._recent.extend(tracked.fed)
         n_prompt = len(prompt_ids)
-        if tracked.torn:
-            self._torn = True
-        elif len(tracked.fed) >= n_prompt:
+        if len(tracked.fed) >= n_prompt:
             answer = tracked.fed[n_prompt:]
             self._fed_text += remainder + self._continuation(prompt_ids[-1:], answer)
         else:  # cut short during the prompt: keep what a later render can still extend
@@ -268,7 +259,7 @@ class Chat:
             if remainder.startswith(part):
                 self._fed_text += part
             else:
-                self._torn = True
+                self._stale = True
 
     def _continuation(self, context: list[int], ids: list[int]) -> str:
         """The text ids add after context (decoding in context keeps a leading space right)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .cache import attention_spec
+from .attention import attention_spec
 
 
 def parameter_count(cfg) -> int:

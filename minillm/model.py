@@ -1,4 +1,4 @@
-"""The Llama forward pass as pure functions over arrays (numpy or cupy, passed as `xp`).
+"""The Llama forward pass as pure functions over arrays (numpy or cupy, `xp`).
 
 Dimension names: C tokens in the chunk, D hidden size, H query heads, K key/value heads,
 d head_dim, F intermediate size, V vocabulary.
@@ -6,16 +6,21 @@ d head_dim, F intermediate size, V vocabulary.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import attention, parallel
+from .attention import AttentionSpec, ChunkPlan
+from .backend import Array
 from .cache import KVCache
 from .config import Config
 from .rope import apply_rope, cos_sin
 from .weights import LayerWeights, Weights
+from .workspace import Workspace
 
 
-def rms_norm(x, w, eps: float, xp, out=None):
+def rms_norm(x: Array, w: Array, eps: float, xp, out: Array | None = None) -> Array:
     """x / rms(x) * w over the last axis (into `out` when given)."""
     sq = xp.multiply(x, x, out=out)
     scale = xp.sqrt(sq.sum(axis=-1, keepdims=True) / np.float32(x.shape[-1]) + np.float32(eps))
@@ -24,7 +29,7 @@ def rms_norm(x, w, eps: float, xp, out=None):
     return h
 
 
-def mlp(x, lw: LayerWeights, gate_up, silu, out, xp):
+def mlp(x: Array, lw: LayerWeights, gate_up: Array, silu: Array, out: Array, xp) -> Array:
     """SwiGLU, down(silu(gate(x)) * up(x)), with gate and up in one GEMM: silu(g) * u is
     computed as g * u / (1 + exp(-g)) in place. gate_up [C, 2F], silu [C, F] and out [C, D]
     are the caller's buffers."""
@@ -57,69 +62,97 @@ class Rotations:
             self.q_capped = cos * scale, sin * scale
 
 
-def chunk_buffers(cfg: Config, cache: KVCache, n_q: int) -> dict:
-    """A chunk's per-layer temporaries: every layer's have the same shapes, so all layers
-    (and later chunks) reuse the cache's buffers."""
-    d, n_h, n_kv, f = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size
-    return {name: cache.buffer(name, shape, n_q) for name, shape in (
-        ("norm", (n_q, cfg.hidden_size)), ("qkv", (n_q, (n_h + 2 * n_kv) * d)),
-        ("proj", (n_q, cfg.hidden_size)), ("gate_up", (n_q, 2 * f)), ("silu", (n_q, f)),
-        ("q_rot", (n_kv, n_q, n_h // n_kv, d)), ("k_rot", (n_kv, n_q, d)))}
+@dataclass
+class Chunk:
+    """What every layer of one chunk shares: its attention plan and rotations, the rows each
+    thread computes, and the temporaries (views into the session's workspace, overwritten by
+    every layer). Row-wise steps run through `by_rows`, one thread per row range."""
+    cfg: Config
+    cache: KVCache
+    work: Workspace
+    plan: ChunkPlan
+    rot: Rotations
+    rows: list[slice]
+    xp: object
+
+    def __post_init__(self):
+        cfg, n = self.cfg, len(self.plan.positions)
+        d, n_h, n_kv, f = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size
+        buf = self.work.buffer
+        self.attn_in = buf("attn_in", (n, cfg.hidden_size), n)      # normed input of attention
+        self.qkv = buf("qkv", (n, (n_h + 2 * n_kv) * d), n)         # q | k | v, un-rotated
+        self.q_rot = buf("q_rot", (n_kv, n, n_h // n_kv, d), n)     # q rotated and scaled
+        self.k_rot = buf("k_rot", (n_kv, n, d), n)                  # k rotated
+        self.attn_out = buf("attn_out", (n, cfg.hidden_size), n)    # attention @ Wo
+        self.mlp_in = buf("mlp_in", (n, cfg.hidden_size), n)        # normed input of the MLP
+        self.gate_up = buf("gate_up", (n, 2 * f), n)
+        self.silu = buf("silu", (n, f), n)
+        self.mlp_out = buf("mlp_out", (n, cfg.hidden_size), n)
+        # views of qkv per key/value head; query head h belongs to key/value head h // group
+        self.q = self.qkv[:, :n_h * d].reshape(n, n_kv, n_h // n_kv, d).transpose(1, 0, 2, 3)
+        self.k = self.qkv[:, n_h * d:(n_h + n_kv) * d].reshape(n, n_kv, d).transpose(1, 0, 2)
+        self.v = self.qkv[:, (n_h + n_kv) * d:].reshape(n, n_kv, d).transpose(1, 0, 2)
+
+    def by_rows(self, step, *args) -> None:
+        """step(rows, *args, chunk) for every thread's rows at once."""
+        parallel.run(lambda _, rows: step(rows, *args, self), self.rows)
 
 
-def block(x, lw: LayerWeights, layer: int, cfg: Config, cache: KVCache, plan, rot: Rotations,
-          rows: list, buf: dict, xp):
-    """One transformer block: x [C, D] -> [C, D] (updated in place); writes this layer's
-    keys/values to the cache. Row-wise work runs on each of `rows` (slices of the chunk) at
-    once; attention on the plan's query-block runs (see parallel). buf: chunk_buffers."""
-    n_q, d, n_h, n_kv = x.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-    eps = cfg.rms_norm_eps
-    qkv, q_rot, k_rot = buf["qkv"], buf["q_rot"], buf["k_rot"]
-    # query head h belongs to key/value head h // group: view q as [K, C, group, d]
-    q = qkv[:, :n_h * d].reshape(n_q, n_kv, n_h // n_kv, d).transpose(1, 0, 2, 3)
-    k = qkv[:, n_h * d:(n_h + n_kv) * d].reshape(n_q, n_kv, d).transpose(1, 0, 2)  # [K, C, d]
-    v = qkv[:, (n_h + n_kv) * d:].reshape(n_q, n_kv, d).transpose(1, 0, 2)
-
-    def project(_, r):  # normed rows -> q, k, v; q and k rotated
-        h = rms_norm(x[r], lw.attn_norm, eps, xp, out=buf["norm"][r])
-        xp.matmul(h, lw.w_qkv.T, out=qkv[r])                             # [C, (H + 2K) d]
-        apply_rope(q[:, r], rot.q_cos[r], rot.q_sin[r], xp, out=q_rot[:, r])
-        apply_rope(k[:, r], rot.cos[r], rot.sin[r], xp, out=k_rot[:, r])
-
-    def feed_forward(_, r):  # attention output projection, residuals and the MLP
-        x[r] += xp.matmul(a[r], lw.wo.T, out=buf["proj"][r])
-        h = rms_norm(x[r], lw.mlp_norm, eps, xp, out=buf["norm"][r])
-        x[r] += mlp(h, lw, buf["gate_up"][r], buf["silu"][r], buf["proj"][r], xp)
-
-    parallel.run(project, rows)
-    q_capped = apply_rope(q, *rot.q_capped, xp) if plan.needs_capped else None
-    a = attention.attend(q_rot, q_capped, k_rot, v, cache, layer, plan, xp)  # [C, H*d]
-    cache.write(layer, plan.write, k_rot, k, v)
-    parallel.run(feed_forward, rows)
+def block(x: Array, lw: LayerWeights, layer: int, chunk: Chunk) -> Array:
+    """One transformer block: x [C, D] -> [C, D], updated in place; this layer's keys and
+    values join the cache."""
+    chunk.by_rows(attention_input, x, lw)     # RMSNorm; q, k, v in one GEMM; RoPE on q and k
+    a = attend(layer, chunk)                  # Λ attention over [cache | chunk], [C, H d]
+    chunk.by_rows(attention_residual, x, a, lw)   # x += a Wo
+    chunk.by_rows(mlp_residual, x, lw)            # x += MLP(RMSNorm(x))
     return x
 
 
-def forward(weights: Weights, cfg: Config, tokens: np.ndarray, positions: np.ndarray,
-            cache: KVCache, freq: np.ndarray, xp):
+def attention_input(rows: slice, x: Array, lw: LayerWeights, c: Chunk) -> None:
+    h = rms_norm(x[rows], lw.attn_norm, c.cfg.rms_norm_eps, c.xp, out=c.attn_in[rows])
+    c.xp.matmul(h, lw.w_qkv.T, out=c.qkv[rows])                          # [C, (H + 2K) d]
+    apply_rope(c.q[:, rows], c.rot.q_cos[rows], c.rot.q_sin[rows], c.xp, out=c.q_rot[:, rows])
+    apply_rope(c.k[:, rows], c.rot.cos[rows], c.rot.sin[rows], c.xp, out=c.k_rot[:, rows])
+
+
+def attend(layer: int, c: Chunk) -> Array:
+    """The chunk's attention output; its keys and values then join this layer's cache."""
+    q_capped = apply_rope(c.q, *c.rot.q_capped, c.xp) if c.plan.needs_capped else None
+    a = attention.attend(c.q_rot, q_capped, c.k_rot, c.v, c.cache, layer, c.plan, c.work)
+    c.cache.write(layer, c.plan.write, c.k_rot, c.k, c.v)
+    return a
+
+
+def attention_residual(rows: slice, x: Array, a: Array, lw: LayerWeights, c: Chunk) -> None:
+    x[rows] += c.xp.matmul(a[rows], lw.wo.T, out=c.attn_out[rows])
+
+
+def mlp_residual(rows: slice, x: Array, lw: LayerWeights, c: Chunk) -> None:
+    h = rms_norm(x[rows], lw.mlp_norm, c.cfg.rms_norm_eps, c.xp, out=c.mlp_in[rows])
+    x[rows] += mlp(h, lw, c.gate_up[rows], c.silu[rows], c.mlp_out[rows], c.xp)
+
+
+def forward(weights: Weights, cfg: Config, freq: np.ndarray, tokens: np.ndarray,
+            positions: np.ndarray, spec: AttentionSpec, cache: KVCache, work: Workspace) -> Array:
     """Final-normed hidden states [C, D] for a chunk; the cache advances past it.
 
-    No query of the chunk may be n_local or more past a global key of the same chunk (see
-    attention.plan_chunk); the session splits chunks so.
+    freq: RoPE inverse frequencies (float64). No query of the chunk may be n_local or more
+    past a global key of the same chunk (see attention.plan_chunk); the session splits so.
     """
+    xp = work.xp
     cache.reserve(int(positions[-1]) + 1)
     n_parts = parallel.parts_for(len(positions), xp)
-    plan = attention.plan_chunk(cache, positions, cfg.n_heads, xp, n_parts)
-    rot = Rotations(positions, freq, cache.spec.ceiling, cfg.head_dim, xp)
-    rows = parallel.row_ranges(len(positions), n_parts)
-    buf = chunk_buffers(cfg, cache, len(positions))
+    plan = attention.plan_chunk(spec, cache, positions, cfg.n_heads, xp, n_parts)
+    rot = Rotations(positions, freq, spec.ceiling, cfg.head_dim, xp)
+    chunk = Chunk(cfg, cache, work, plan, rot, parallel.row_ranges(len(positions), n_parts), xp)
     x = xp.asarray(weights.embed[tokens])                                 # [C, D], a fresh copy
     with parallel.chunk_threads(n_parts):
         for layer, lw in enumerate(weights.layers):
-            x = block(x, lw, layer, cfg, cache, plan, rot, rows, buf, xp)
+            x = block(x, lw, layer, chunk)
     cache.commit(plan.write)
     return rms_norm(x, weights.norm, cfg.rms_norm_eps, xp)
 
 
-def lm_head(h, weights: Weights):
+def lm_head(h: Array, weights: Weights) -> Array:
     """Logits [C, V] from final hidden states [C, D]."""
     return h @ weights.lm_head.T

@@ -7,17 +7,17 @@ the next token comes from, so an interrupted run continues to the same result.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import math
 import time
-import dataclasses
-import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import BinaryIO, Callable
 
 import numpy as np
 
+from .attention import AttentionSpec
+from .checkpoint import CHECKPOINT_KEYS, read_checkpoint, write_checkpoint
 from .errors import MiniLLMError
 from .session import Session
 from .textstream import read_pieces
@@ -82,12 +82,7 @@ class Scorer:
         self._tail = b""  # recent input bytes before the current piece (bounded)
         self._piece_ids = None  # ids of a piece being scored
         self._scored = hashlib.sha256()  # of the current piece's ids fed so far
-        self.notes: dict = {}  # the caller's own state, saved with checkpoints
-
-    def settings(self) -> dict:
-        """What a checkpoint must agree on to be resumed."""
-        return {"spec": asdict(self.session.spec), "chunk_size": self.chunk_size,
-                "model": self.session.model.fingerprint}
+        self.notes: dict = {}  # the caller's own flat state, saved with checkpoints
 
     def run(self, stream: BinaryIO, on_chunk: Callable | None = None,
             stop: Callable[[], bool] = lambda: False) -> ScoreStats:
@@ -157,32 +152,33 @@ class Scorer:
             st.n_bytes += len(self.tokenizer.decode(self._piece_ids[:self.at.skip]).encode("utf-8"))
         return st
 
-    # --- checkpoints ------------------------------------------------------------------------
+    # --- checkpoints (minillm.checkpoint): one flat record -----------------------------------
     def save(self, path: str) -> None:
         self.at.scored_sha256 = self._scored.hexdigest()
-        state = {"settings": self.settings(), "stats": asdict(self.stats), "at": asdict(self.at),
-                 "notes": self.notes}
-        self.session.save(path, extra=json.dumps(state))
+        record = {"chunk_size": self.chunk_size, **asdict(self.stats), **asdict(self.at),
+                  **self.notes}
+        write_checkpoint(path, self.session, record)
 
     @classmethod
-    def resume(cls, path: str, model, spec, chunk_size: int = 512,
-               max_tokens: int | None = None) -> "Scorer":
+    def resume(cls, path: str, model, spec: AttentionSpec, chunk_size: int = 512,
+               max_tokens: int | None = None) -> Scorer:
         """A scorer continuing a checkpoint; refused unless made with the same model and settings."""
-        try:  # a damaged or foreign file is one clear line, not a traceback
-            session, extra = Session.load(path, model)
-            state = json.loads(extra)
-            have = state["settings"]
-            stats, at = ScoreStats(**state["stats"]), InputPosition(**state["at"])
-            notes = dict(state.get("notes", {}))
-        except (EOFError, AttributeError, TypeError, KeyError, IndexError, ValueError,
-                zipfile.BadZipFile) as e:
-            raise MiniLLMError(f"{path}: not a minillm checkpoint ({type(e).__name__})") from None
-        want = {"spec": asdict(spec), "chunk_size": chunk_size, "model": model.fingerprint}
+        session, record = read_checkpoint(path, model)
+        have = {"chunk_size": record.get("chunk_size"), **asdict(session.spec)}
+        want = {"chunk_size": chunk_size, **asdict(spec)}
         if have != want:
+            diffs = [f"{k} {have[k]} there, {want[k]} here" for k in want if have[k] != want[k]]
             raise MiniLLMError(f"{path}: the checkpoint was made with other settings "
-                               f"({_settings_diff(have, want)})")
+                               f"({'; '.join(diffs)})")
+        try:
+            stats = ScoreStats(**{f.name: record[f.name] for f in fields(ScoreStats)})
+            at = InputPosition(**{f.name: record[f.name] for f in fields(InputPosition)})
+        except KeyError as e:
+            raise MiniLLMError(f"{path}: not a checkpoint of `minillm score` (no {e})") from None
         scorer = cls(session, chunk_size, max_tokens)
-        scorer.stats, scorer.at, scorer.notes = stats, at, notes
+        scorer.stats, scorer.at = stats, at
+        own = {"chunk_size"} | {f.name for f in fields(ScoreStats) + fields(InputPosition)}
+        scorer.notes = {k: v for k, v in record.items() if k not in own and k not in CHECKPOINT_KEYS}
         return scorer
 
     def seek_input(self, stream: BinaryIO, seekable: bool) -> None:
@@ -198,18 +194,6 @@ class Scorer:
             raise MiniLLMError("the input does not continue the text the checkpoint scored "
                                f"(its first {start} bytes differ)")
         self._tail = window
-
-
-def _settings_diff(have, want: dict) -> str:
-    """'n_local 32 there, 16 here; ...' for the settings that differ."""
-    def flat(d):
-        d = d if isinstance(d, dict) else {}
-        out = {k: v for k, v in d.items() if k != "spec"}
-        out.update(d.get("spec") if isinstance(d.get("spec"), dict) else {})
-        return out
-    a, b = flat(have), flat(want)
-    diffs = [f"{k} {a.get(k)} there, {b.get(k)} here" for k in b if a.get(k) != b.get(k)]
-    return "; ".join(diffs) or "unreadable settings"
 
 
 def _discard(stream: BinaryIO, n: int) -> None:

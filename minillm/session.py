@@ -2,14 +2,14 @@
 
 The session is the only state: feeding a text in chunks of 1, 7, 512 or all at once gives the
 same results (to float32 rounding), because every chunk runs the same masked attention over
-[cache | chunk] and the cache holds exactly the keys LM-Infinite attends to.
+[cache | chunk] and the cache holds exactly the keys LM-Infinite attends to. A chunk is
+written all or nothing: Ctrl-C is held until its last layer is in the cache, so an interrupted
+feed leaves the session at a chunk boundary that `position` tells.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import os
 import signal
 import threading
@@ -18,13 +18,14 @@ import warnings
 import numpy as np
 
 from . import parallel
-from .backend import to_device, to_host
-from .cache import AttentionSpec, KVCache, attention_spec
+from .attention import AttentionSpec, attention_spec
+from .backend import Array, to_host
+from .cache import KVCache
 from .errors import MiniLLMError
 from .model import forward, lm_head
+from .workspace import NLL_ROWS, Workspace
 
 LOGITS_MODES = ("all", "last", "none")
-NLL_ROWS = 128  # logits rows materialised at once when scoring: [128, vocab] float32
 
 
 @contextlib.contextmanager
@@ -51,12 +52,12 @@ class AttentionWarning(UserWarning):
     """A setting that works but leaves LM-Infinite's guarantees (growing memory, unseen distances)."""
 
 
-def _nll_of_rows(states, targets, lm_head_w, scratch, xp):
-    """-log p(target) for each row of final states [N, D], via logits in a reused scratch buffer.
+def _nll_of_rows(states: Array, targets: Array, lm_head_w: Array, logits_rows: Array, xp) -> Array:
+    """-log p(target) for each row of final states [N, D], via logits in a reused buffer.
 
-    scratch: [>= N, V] float32, overwritten; no [N, V] temporaries are allocated.
+    logits_rows: [>= N, V] float32, overwritten; no [N, V] temporaries are allocated.
     """
-    logits = scratch[:len(states)]
+    logits = logits_rows[:len(states)]
     xp.matmul(states, lm_head_w.T, out=logits)
     picked = logits[xp.arange(len(targets)), targets]      # a copy (advanced indexing)
     m = logits.max(axis=-1, keepdims=True)
@@ -78,9 +79,9 @@ class Session:
             warnings.warn(f"n_local {self.spec.n_local} exceeds the training length "
                           f"{cfg.max_position_embeddings}: the model will see distances it was "
                           f"never trained on", AttentionWarning, stacklevel=2)
-        self.cache = KVCache(cfg, self.spec, model.xp)
-        self._scratch = None      # [NLL_ROWS, V] logits buffer for nll(), made on first use
-        self._last_hidden = None  # [D] final hidden state of the newest token: predicts the next
+        self.cache = KVCache(cfg, self.spec.n_global, self.spec.n_local, model.xp)
+        self.workspace = Workspace(cfg.vocab_size, model.xp)
+        self.last_hidden = None  # [D] final hidden state of the newest token: predicts the next
 
     @property
     def position(self) -> int:
@@ -90,18 +91,12 @@ class Session:
     @property
     def nbytes(self) -> int:
         """Bytes of every array the session holds (constant for bounded presets)."""
-        extra = sum(a.nbytes for a in (self._last_hidden, self._scratch) if a is not None)
-        return self.cache.nbytes + extra
+        last = self.last_hidden.nbytes if self.last_hidden is not None else 0
+        return self.cache.nbytes + self.workspace.nbytes + last
 
     def reset(self) -> None:
         self.cache.reset()
-        self._last_hidden = None
-
-    def _nll_scratch(self):
-        if self._scratch is None:
-            xp = self.model.xp
-            self._scratch = xp.empty((NLL_ROWS, self.model.config.vocab_size), dtype=xp.float32)
-        return self._scratch
+        self.last_hidden = None
 
     def _chunks(self, n: int, chunk_size: int):
         """[start, stop) row ranges of at most chunk_size; one that holds global positions
@@ -129,8 +124,9 @@ class Session:
         for a, b in self._chunks(len(ids), chunk_size):
             positions = np.arange(self.position, self.position + b - a, dtype=np.int64)
             with _sigint_deferred():
-                h = forward(m.weights, m.config, ids[a:b], positions, self.cache, m.freq, m.xp)
-                self._last_hidden = h[-1].copy()  # not a view: do not keep the chunk alive
+                h = forward(m.weights, m.config, m.freq, ids[a:b], positions, self.spec,
+                            self.cache, self.workspace)
+                self.last_hidden = h[-1].copy()  # not a view: do not keep the chunk alive
             yield a, b, h
 
     def _ids(self, ids) -> np.ndarray:
@@ -152,9 +148,9 @@ class Session:
                         out[a + r.start:a + r.stop] = to_host(lm_head(h[r], self.model.weights))
                     parallel.over_rows(logits_of, b - a, self.model.xp)
             if logits == "last":
-                if self._last_hidden is None:
+                if self.last_hidden is None:
                     raise ValueError("no token has been fed yet")
-                return to_host(lm_head(self._last_hidden[None], self.model.weights))[0]
+                return to_host(lm_head(self.last_hidden[None], self.model.weights))[0]
         return out
 
     def nll(self, ids, chunk_size: int = 512) -> np.ndarray:
@@ -170,66 +166,31 @@ class Session:
 
     def _nll_chunks(self, ids: np.ndarray, chunk_size: int, out: np.ndarray) -> None:
         xp, w = self.model.xp, self.model.weights
-        prev = self._last_hidden
+        prev = self.last_hidden
         for a, b, h in self._advance(ids, chunk_size):
             # states[r] predicts token first + r
             states = h[:-1] if prev is None else xp.concatenate([prev[None], h[:-1]])
             first = a if prev is not None else a + 1
-            scratch = self._nll_scratch()
+            logits_rows = self.workspace.logits_rows
             for r in range(0, len(states), NLL_ROWS):
                 rows = states[r:r + NLL_ROWS]
                 t0 = first + r
 
-                def nll_of(p, rows=rows, t0=t0):  # rows p of this group, into scratch rows p
+                def nll_of(p, rows=rows, t0=t0):  # rows p of this group, into logits rows p
                     targets = xp.asarray(ids[t0 + p.start:t0 + p.stop])
                     out[t0 + p.start:t0 + p.stop] = to_host(
-                        _nll_of_rows(rows[p], targets, w.lm_head, scratch[p], xp))
+                        _nll_of_rows(rows[p], targets, w.lm_head, logits_rows[p], xp))
                 parallel.over_rows(nll_of, len(rows), xp)
             prev = h[-1]
 
-    # --- checkpoints ------------------------------------------------------------------------
-    def save(self, path: str, extra: str = "") -> None:
-        """Write the session (only the cache slots in use) atomically: temp file, then rename."""
-        n = self.cache.n_used
-        arrays = {
-            "k": to_host(self.cache.k[..., :n]).swapaxes(2, 3), "v": to_host(self.cache.v[:, :, :n]),
-            "k_raw": to_host(self.cache.k_raw), "pos": self.cache.pos[:n],
-            "last_hidden": (to_host(self._last_hidden) if self._last_hidden is not None
-                            else np.zeros(0, np.float32)),
-        }
-        meta = {"format": 1, "model": self.model.fingerprint, "spec": dataclasses.asdict(self.spec),
-                "length": self.cache.length, "extra": extra}
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    # --- checkpoints (minillm.checkpoint) ------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write the session to `path` atomically (only the cache slots in use)."""
+        from .checkpoint import write_checkpoint
+        write_checkpoint(path, self)
 
     @classmethod
-    def load(cls, path: str, model) -> tuple["Session", str]:
-        """A saved session for `model`, and the caller's `extra` string. Refuses other models."""
-        try:
-            with np.load(path) as f:
-                meta = json.loads(f["meta"].tobytes())
-                arrays = {k: f[k] for k in ("k", "v", "k_raw", "pos", "last_hidden")}
-        except (OSError, ValueError, KeyError) as e:
-            raise MiniLLMError(f"{path}: not a minillm checkpoint ({e})") from None
-        if meta.get("model") != model.fingerprint:
-            raise MiniLLMError(f"{path}: the checkpoint was made with another model")
-        spec = meta["spec"]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AttentionWarning)
-            s = cls(model, spec["preset"], spec["n_global"], spec["n_local"], spec["ceiling"])
-        n, xp = len(arrays["pos"]), model.xp
-        s.cache.reserve(n)
-        s.cache.k[..., :n] = to_device(xp, arrays["k"]).swapaxes(2, 3)
-        s.cache.v[:, :, :n] = to_device(xp, arrays["v"])
-        s.cache.k_raw[...] = to_device(xp, arrays["k_raw"])
-        s.cache.pos[:n] = arrays["pos"]
-        s.cache.length = int(meta["length"])
-        if arrays["last_hidden"].size:
-            s._last_hidden = to_device(xp, arrays["last_hidden"])
-        return s, meta["extra"]
+    def load(cls, path: str, model) -> Session:
+        """A saved session for `model`; refuses a checkpoint of another model."""
+        from .checkpoint import read_checkpoint
+        return read_checkpoint(path, model)[0]

@@ -3,7 +3,9 @@ a conversation in constant memory, interruptions, the fallback format."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import warnings
 
 import numpy as np
@@ -358,33 +360,38 @@ def test_keyboard_interrupt_during_generation_keeps_the_partial_answer(fresh_tin
             pieces.append(piece)
     chat.session.feed = feed
     assert chat.messages[-1] == {"role": "assistant", "content": "".join(pieces)}
-    assert not chat._torn
     position = chat.session.position
     "".join(chat.send("go on"))
     assert chat.session.position > position  # continued in place
 
 
-def test_keyboard_interrupt_mid_chunk_rebuilds_the_cache(fresh_tiny, monkeypatch):
+def test_ctrl_c_inside_a_chunk_waits_for_the_chunk(fresh_tiny, monkeypatch):
+    """A real SIGINT landing inside a chunk of a long prompt is held until the chunk is in the
+    cache: the session stops at a chunk boundary, whole, and the conversation goes on from the
+    ids that got in (they equal a fresh session fed the same ids)."""
     chat = tiny_chat(fresh_tiny, n_local=32, max_tokens=3)
     forward = minillm.session.forward
     calls = []
 
-    def interrupting(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:  # inside the second chunk of a long prompt: a torn cache
-            raise KeyboardInterrupt
-        return forward(*args, **kw)
+    def interrupted(weights, cfg, freq, tokens, *args):
+        calls.append(len(tokens))
+        if len(calls) == 2:  # Ctrl-C while the second chunk of the prompt is computed
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(weights, cfg, freq, tokens, *args)
 
-    monkeypatch.setattr(minillm.session, "forward", interrupting)
+    monkeypatch.setattr(minillm.session, "forward", interrupted)
     with pytest.raises(KeyboardInterrupt):
         "".join(chat.send("hello world " * 400))
     monkeypatch.setattr(minillm.session, "forward", forward)
-    assert chat._torn and chat.messages[-1] == {"role": "assistant", "content": ""}
-    log = FeedLog(chat.session)
-    rendered = chat.render(chat.conversation() + [{"role": "user", "content": "still there?"}])
-    "".join(chat.send("still there?"))
-    assert log.calls[0] == _encode(chat.tokenizer, rendered)  # rebuilt from the whole render
-    assert not chat._torn
+    assert len(calls) == 2 and chat.session.position == sum(calls)
+    assert chat.messages[-1] == {"role": "assistant", "content": ""}
+    fed = chat._recent  # every id that entered the session (repeat-penalty history)
+    assert len(fed) == min(chat.session.position, fed.maxlen)
+    replay = fresh_tiny.session(n_local=32)
+    prompt = _encode(chat.tokenizer, chat.render(chat.conversation()[:-2] + [
+        {"role": "user", "content": "hello world " * 400}]))
+    np.testing.assert_allclose(chat.session.feed([7], logits="last"),
+                               replay.feed(prompt[:sum(calls)] + [7], logits="last"), atol=1e-5)
 
 
 # -- sampling, reset, fallback ----------------------------------------------------------------

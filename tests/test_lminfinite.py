@@ -13,6 +13,8 @@ import torch
 from transformers import AttentionInterface
 
 import minillm
+from minillm.attention import AttentionSpec, lambda_mask
+from minillm.cache import EMPTY
 from minillm.session import AttentionWarning
 
 from conftest import BACKEND, rng_ids
@@ -204,3 +206,23 @@ def test_bad_session_settings(tiny_model, kwargs, match):
 def test_n_local_beyond_training_length_warns(tiny_model):
     with pytest.warns(AttentionWarning, match="never trained"):
         tiny_model.session(n_local=tiny_model.config.max_position_embeddings + 1)
+
+
+@pytest.mark.parametrize("spec", [
+    AttentionSpec("lminfinite", 3, 5, 5), AttentionSpec("lminfinite", 0, 4, 4),
+    AttentionSpec("lminfinite", 4, 4, 2), AttentionSpec("window", 0, 6, None),
+    AttentionSpec("full", 0, None, None)])
+def test_lambda_mask_is_the_rule_written_out(spec):
+    """lambda_mask against the rule as a loop: local when 0 <= i - j < n_local, capped when
+    a global key (j < n_global) is further than that and there is a ceiling, else masked.
+    Keys include an empty slot's position (in every query's future)."""
+    queries = np.arange(0, 40)
+    keys = np.concatenate([np.arange(0, 45), [EMPTY]])
+    local, capped = lambda_mask(queries, keys, spec)
+    window = spec.n_local if spec.n_local is not None else 10**9
+    for a, i in enumerate(queries):
+        for b, j in enumerate(keys):
+            want_local = 0 <= i - j < window
+            want_capped = (spec.ceiling is not None and j < spec.n_global and i - j >= window)
+            assert (local[a, b], capped[a, b]) == (want_local, want_capped), (i, j)
+    assert local.any() and (capped.any() == (spec.n_global > 0))

@@ -366,7 +366,7 @@ def test_streaming_tokenization_equals_whole_text(model, block):
 def _real_tokenizer():
     if not REAL_MODEL.exists():
         pytest.skip("the SmolLM2 file is not built (make weights)")
-    from minillm.tensorfile import SafetensorsFile
+    from minillm.formats.safetensors import SafetensorsFile
     from minillm.tokenizer import Tokenizer
     meta = SafetensorsFile(REAL_MODEL).metadata
     return Tokenizer.from_tokenizer_json(meta["minillm.tokenizer_json"],
@@ -582,8 +582,8 @@ def test_checkpoint_in_a_later_piece_resumes_exactly(tiny_file, model, tmp_path)
                                "--checkpoint-every", every, "--max-tokens", every + 700,
                                "--nll-out", nll))
     assert partial["tokens"] == every + 700 and ckpt.exists()
-    state = json.loads(json.loads(np.load(ckpt)["meta"].tobytes())["extra"])
-    assert state["at"]["piece_start"] == len(first.raw) and state["stats"]["tokens"] >= every
+    record = json.loads(np.load(ckpt)["meta"].tobytes())
+    assert record["piece_start"] == len(first.raw) and record["tokens"] >= every
     resumed = summary_of(score(tiny_file, path, *common, "--resume", ckpt, "--nll-out", nll))
     assert_same_numbers(resumed, ref)
     assert nll.read_text() == ref_nll.read_text()
