@@ -1,11 +1,12 @@
 # minillm: `make demo` sets up and runs the main job on the real model; `make test` runs the tests.
+# Also: `make test-fast` (no real weights needed), `make lint`, `make compare` (benchmarks).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 MODEL  := weights/smollm2-135m-instruct.safetensors
 STDLIB  = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 
-.PHONY: demo test weights install clean bench-env compare
+.PHONY: demo test test-fast lint weights install clean bench-env compare
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 # tests add transformers + torch (CPU) as the oracle; the runtime never needs them
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+$(VENV)/.lint-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[lint]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -33,6 +38,13 @@ demo: $(MODEL)
 
 test: $(VENV)/.test-installed $(MODEL)
 	$(BIN)/python -m pytest -q
+
+# everything but the tests that need the real SmolLM2 weights or its GGUF
+test-fast: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q -m "not real_model"
+
+lint: $(VENV)/.lint-installed
+	$(BIN)/ruff check .
 
 # the side-by-side benchmark (not part of CI): llama.cpp compiles into its own venv, once
 BENCH_VENV := .bench-venv

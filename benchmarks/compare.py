@@ -35,8 +35,9 @@ import sys
 import time
 from pathlib import Path
 
+from texts import add_text_option, read_chars, text_files
+
 ROOT = Path(__file__).resolve().parent.parent
-TEXT = ROOT.parent / "shared" / "data" / "news-from-nowhere.txt"
 ENGINES = ("minillm", "llama.cpp", "llama.cpp-fa", "transformers")
 METRICS = ("prompt_512_tps", "prompt_2048_tps", "decode_tps", "score_tps", "peak_rss_mb")
 PROMPTS = (512, 2048)
@@ -71,7 +72,7 @@ def measure(prompt, decode_step, score, ids) -> dict:
 
     decode_step(ids[:64])  # warm-up: page in the weights, start the threads, and leave the
     prompt(ids[:PROMPTS[0]])  # allocator as a 512-token prompt does (the first one is slower)
-    out = {f"prompt_{n}_tps": n / timed(lambda: prompt(ids[:n])) for n in PROMPTS}
+    out = {f"prompt_{n}_tps": n / timed(lambda n=n: prompt(ids[:n])) for n in PROMPTS}
     out["decode_tps"] = decode()
     out["score_tps"] = SCORE_TOKENS / timed(lambda: score(ids[:SCORE_TOKENS]))
     return out
@@ -176,8 +177,10 @@ def worker_transformers(args, ids):
     torch.set_num_threads(args.threads)
     model = LlamaForCausalLM.from_pretrained(args.hf_folder, dtype=torch.float32,
                                              attn_implementation="sdpa").eval()
-    t = lambda p: torch.as_tensor([list(map(int, p))])  # noqa: E731
     state = {}
+
+    def t(p):
+        return torch.as_tensor([list(map(int, p))])
 
     @torch.inference_mode()
     def prompt(p):
@@ -229,24 +232,24 @@ def prepare(args) -> None:
     model = minillm.load(args.model, backend="numpy")
     ids_path = Path(args.ids)
     if not ids_path.exists():
-        text = TEXT.read_text(encoding="utf-8")[:40000]
-        ids = model.tokenizer.encode(text)
+        files = text_files(args.text)
+        ids = model.tokenizer.encode(read_chars(files, 40000))
         if len(ids) < N_IDS:
-            sys.exit(f"compare: {TEXT} gives only {len(ids)} tokens, {N_IDS} needed")
+            sys.exit(f"compare: {files[0]}... gives only {len(ids)} tokens, {N_IDS} needed")
         np.save(ids_path, np.asarray(ids[:N_IDS], dtype=np.int64))
     if not Path(args.gguf).exists():
         progress(f"writing {args.gguf}")
         write_f32_gguf(model, args.model, args.gguf)
     if not (Path(args.hf_folder) / "model.safetensors").exists():
         progress(f"writing {args.hf_folder}")
-        write_hf_folder(model, args.model, Path(args.hf_folder))
+        write_hf_folder(args.model, Path(args.hf_folder))
 
 
-def write_hf_folder(model, path: str, folder: Path) -> None:
+def write_hf_folder(path: str, folder: Path) -> None:
     """config.json + model.safetensors (transformers wants {"format": "pt"} in the metadata)."""
     from safetensors.numpy import save_file
 
-    from minillm.tensorfile import SafetensorsFile
+    from minillm.formats.safetensors import SafetensorsFile
     folder.mkdir(parents=True, exist_ok=True)
     f = SafetensorsFile(path)
     save_file({k: f.tensor(k) for k in f.entries}, str(folder / "model.safetensors"),
@@ -260,8 +263,8 @@ def write_f32_gguf(model, path: str, out: str) -> None:
     import gguf
     import numpy as np
 
-    from minillm.convert import unpermute_qk
-    from minillm.tensorfile import SafetensorsFile
+    from minillm.formats.gguf import unpermute_qk
+    from minillm.formats.safetensors import SafetensorsFile
 
     cfg = model.config
     f = SafetensorsFile(path)
@@ -285,8 +288,8 @@ def write_f32_gguf(model, path: str, out: str) -> None:
         assert np.array_equal(unpermute_qk(out, n_head), a)
         return out
 
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+    names = {"model.embed_tokens.weight": "token_embd.weight",
+             "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
     per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
                  "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                  "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
@@ -429,7 +432,8 @@ def report(summary: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", nargs="?", default="run", choices=["run", "worker", "report"])
     p.add_argument("engine", nargs="?", help="worker mode: which engine")
     p.add_argument("--model", default=str(ROOT / "weights" / "smollm2-135m-instruct.safetensors"))
@@ -444,6 +448,7 @@ def main() -> None:
     p.add_argument("--hf-folder", default=None, help="default: WORK/hf (written if absent)")
     p.add_argument("--ids", default=None)
     p.add_argument("--long-decode", action="store_true")
+    add_text_option(p)
     args = p.parse_args()
     if args.mode == "worker":
         worker(args)

@@ -4,10 +4,10 @@
 
 1. Time: cProfile over prompt 2048 (last logits), decode (128 tokens after 512) and score
    (2048 tokens, 512-token chunks); each row is a function's inclusive share of the run.
-   "qkv/o GEMMs + residual" is the own time of block()'s row phases (project, feed_forward):
-   the projections are GEMMs there. cProfile sees one thread only, so the profile runs with
-   one worker (BLAS threaded, as before the split); the last row times each workload with
-   the default split over threads, unprofiled.
+   "qkv/o GEMMs + residual" is the own time of block()'s row phases (attention_input,
+   attention_residual, mlp_residual): the projections are GEMMs there. cProfile sees one
+   thread only, so the profile runs with one worker (BLAS threaded, as before the split); the
+   last row times each workload with the default split over threads, unprofiled.
 2. Decode floors: the decode step's GEMVs alone (one row through every weight matrix and the
    lm_head: the weight reads), and decode of a model with SmolLM2's 30 layers and heads but
    tiny matrices (the per-token cost of the Python and NumPy calls themselves).
@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ROWS = [  # (label, function name as cProfile records it)
     ("attention (scores, softmax, values)", "attend"),
     ("MLP (gate/up GEMM, SiLU, down GEMM)", "mlp"),
-    ("qkv/o GEMMs + residual (block's own)", ("project", "feed_forward")),
+    ("qkv/o GEMMs + residual (block's own)",
+     ("attention_input", "attention_residual", "mlp_residual")),
     ("RoPE", "apply_rope"),
     ("RMSNorm", "rms_norm"),
     ("cache writes", "write"),
@@ -227,7 +228,8 @@ def memory_table(model) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "weights" / "smollm2-135m-instruct.safetensors"))
     p.add_argument("--tmp", default=str(ROOT / "build" / "hotspots"))
     args = p.parse_args()

@@ -1,12 +1,13 @@
 """Long-stream scoring benchmark (issue 3): NLL by position, tokens/s and RSS, start vs end.
 
 Scores a real text stream with one attention setting per run, each run in its own process so
-that peak RSS is its own. The stream is ../shared/data/news-from-nowhere.txt followed by
-tinyshakespeare.txt, repeated as often as needed (said in the report: a repeating stream is
-easier than fresh text). Per chunk it logs position, wall and CPU seconds and current RSS.
+that peak RSS is its own. The stream is the Python standard library's *.py files (or the
+files given with --text), repeated as often as needed (said in the report: a repeating stream
+is easier than fresh text). Per chunk it logs position, wall and CPU seconds and current RSS.
 
     python benchmarks/long_stream.py run --name lminfinite-8k --tokens 100000 --out OUT
-    python benchmarks/long_stream.py run --name lminfinite-2k --n-local 2048 --tokens 1000000 --out OUT
+    python benchmarks/long_stream.py run --name lminfinite-2k --n-local 2048 --tokens 1000000 \
+        --out OUT
     python benchmarks/long_stream.py run --name full --attention full --tokens 32768 --out OUT
     python benchmarks/long_stream.py report OUT        # markdown tables + OUT/nll.png
     python benchmarks/long_stream.py report OUT --start-at 40000   # start window elsewhere
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import sys
@@ -24,30 +24,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from texts import RepeatedFiles, add_text_option, text_files
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
-TEXTS = [DATA / "news-from-nowhere.txt", DATA / "tinyshakespeare.txt"]
 MODEL = ROOT / "weights" / "smollm2-135m-instruct.safetensors"
 WINDOW = 20_000  # tokens over which start and end speeds are measured
-
-
-class RepeatedTexts:
-    """A read()-able stream of the texts, concatenated and repeated without end."""
-
-    def __init__(self, paths):
-        self.paths, self.i, self.f = paths, 0, None
-
-    def read(self, n: int) -> bytes:
-        while True:
-            if self.f is None:
-                self.f = open(self.paths[self.i % len(self.paths)], "rb")
-                self.i += 1
-            data = self.f.read(n)
-            if data:
-                return data
-            self.f.close()
-            self.f = None
 
 
 def rss_mb() -> float:
@@ -85,7 +66,7 @@ def run(args) -> None:
             print(f"{args.name}: {sc.stats.tokens} tokens, {sc.stats.tokens_per_second:.0f} tok/s, "
                   f"rss {rss_mb():.0f} MB", file=sys.stderr, flush=True)
 
-    stats = scorer.run(RepeatedTexts(TEXTS), on_chunk=on_chunk)
+    stats = scorer.run(RepeatedFiles(text_files(args.text)), on_chunk=on_chunk)
     summary = dict(stats.summary(), name=args.name, attention=args.attention,
                    n_global=session.spec.n_global, n_local=session.spec.n_local,
                    peak_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -107,7 +88,10 @@ def _blas() -> str:
 def bucket_label(b: int) -> str:
     lo = 0 if b == 0 else 2048 * 2 ** (b - 1)
     hi = 2048 * 2 ** b
-    k = lambda n: f"{n // 1024}K" if n < 1 << 20 else f"{n / (1 << 20):g}M"  # noqa: E731
+
+    def k(n):
+        return f"{n // 1024}K" if n < 1 << 20 else f"{n / (1 << 20):g}M"
+
     return f"{k(lo)}–{k(hi)}"
 
 
@@ -151,16 +135,20 @@ def report(args) -> None:
         start = args.start_at if args.start_at is not None else 2 * (r["n_local"] or 2048)
         first = window_stats(rows, start, start + WINDOW)
         last = window_stats(rows, end - WINDOW, end)
-        f = lambda w, k, fmt: format(w[k], fmt) if w else "–"  # noqa: E731
-        print(f"| {r['name']} | {f(first, 'tps', '.1f')} | {f(last, 'tps', '.1f')} | "
-              f"{f(first, 'cpu_ms', '.2f')} | {f(last, 'cpu_ms', '.2f')} | {f(first, 'rss', '.0f')} | "
-              f"{f(last, 'rss', '.0f')} | {peak_rss_mb(r):.0f} | {r['tokens_per_second']:.1f} | "
-              f"{r['blas']} |")
+        print(f"| {r['name']} | {_cell(first, 'tps', '.1f')} | {_cell(last, 'tps', '.1f')} | "
+              f"{_cell(first, 'cpu_ms', '.2f')} | {_cell(last, 'cpu_ms', '.2f')} | "
+              f"{_cell(first, 'rss', '.0f')} | {_cell(last, 'rss', '.0f')} | "
+              f"{peak_rss_mb(r):.0f} | {r['tokens_per_second']:.1f} | {r['blas']} |")
         curves[r["name"]] = _curve(rows)
     from minillm.plot import plot_curves
     plot_curves(str(out / "nll.png"), curves, title="SmolLM2-135M on a repeated real-text stream",
                 training_length=8192)
     print(f"\nplot: {out / 'nll.png'}")
+
+
+def _cell(window, key: str, fmt: str) -> str:
+    """A window_stats() value formatted for the table, or a dash when there is no window."""
+    return format(window[key], fmt) if window else "–"
 
 
 def _curve(rows):
@@ -180,7 +168,8 @@ def _curve(rows):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--name", required=True)
@@ -189,6 +178,7 @@ def main():
     r.add_argument("--n-local", type=int, default=None)
     r.add_argument("--tokens", type=int, required=True)
     r.add_argument("--out", required=True)
+    add_text_option(r)
     rep = sub.add_parser("report")
     rep.add_argument("out")
     rep.add_argument("--start-at", type=int, default=None,

@@ -11,8 +11,14 @@ import click
 
 from minillm.attention import PRESETS
 
-from .common import (backend_options, load_model, model_argument, reports_errors,
-                     sampling_options, sampling_params)
+from .common import (
+    backend_options,
+    load_model,
+    model_argument,
+    reports_errors,
+    sampling_options,
+    sampling_params,
+)
 
 COMMANDS = {
     "/reset": "forget the conversation (the system prompt stays) and empty the cache",
@@ -72,7 +78,7 @@ def read_stdin() -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        warnings.warn("stdin is not valid UTF-8: undecodable bytes were replaced")
+        warnings.warn("stdin is not valid UTF-8: undecodable bytes were replaced", stacklevel=2)
         text = data.decode("utf-8", errors="replace")
     return text.strip()
 

@@ -22,7 +22,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def setup_process() -> None:
-    """One-line warnings; a closed stdout ends the process quietly (exit 141), as for any Unix tool."""
+    """One-line warnings; a closed stdout ends the process quietly (exit 141), as for any Unix
+    tool."""
     warnings.showwarning = _show_warning
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -52,7 +53,8 @@ def backend_options(fn):
                            "the threads a long chunk is split over.")(fn)
     fn = click.option("--backend", type=click.Choice(["auto", "numpy", "cupy"]), default="auto",
                       show_default=True,
-                      help="Array backend: cupy when it imports and sees a GPU (auto), else numpy.")(fn)
+                      help="Array backend: cupy when it imports and sees a GPU (auto), "
+                           "else numpy.")(fn)
     return fn
 
 
@@ -72,12 +74,13 @@ def set_threads(n: int) -> None:
 
 
 def sampling_options(fn):
-    """The same sampling options on `chat` and `generate` (DESIGN.md §5)."""
+    """The same sampling options on `chat` and `generate`."""
     d = SamplingParams()
     opts = [
-        click.option("--max-tokens", type=click.IntRange(min=0), default=d.max_tokens, show_default=True,
-                     help="Most new tokens per answer."),
-        click.option("--seed", type=int, default=None, help="Random seed (same seed, same answer)."),
+        click.option("--max-tokens", type=click.IntRange(min=0), default=d.max_tokens,
+                     show_default=True, help="Most new tokens per answer."),
+        click.option("--seed", type=int, default=None,
+                     help="Random seed (same seed, same answer)."),
         click.option("--repeat-last-n", type=click.IntRange(min=0), default=d.repeat_last_n,
                      show_default=True, help="How many recent tokens the repeat penalty sees."),
         click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True),

@@ -11,8 +11,17 @@ import click
 
 from minillm.generate import generate_text
 
-from .common import (backend_options, load_model, model_argument, reports_errors,
-                     sampling_options, sampling_params, setup_process)
+from .chat import chat as _chat
+from .common import (
+    backend_options,
+    load_model,
+    model_argument,
+    reports_errors,
+    sampling_options,
+    sampling_params,
+    setup_process,
+)
+from .score import score
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,12 +90,7 @@ def convert(src, out, dtype):
     click.echo(f"wrote {out} ({size:.1f} MB) in {time.perf_counter() - start:.1f} s", err=True)
 
 
-from .chat import chat as _chat  # noqa: E402
 cli.add_command(_chat)
-
-
-from .score import score  # noqa: E402
-
 cli.add_command(score)
 
 

@@ -176,7 +176,7 @@ def _open_input(path: str):
 
 
 def _open_nll_out(path, scorer):
-    """Open --nll-out; when resuming, cut it back to what the checkpoint had written, then append."""
+    """Open --nll-out; on resume, cut it back to what the checkpoint had written, then append."""
     if not path:
         return None
     try:

@@ -47,7 +47,8 @@ def attention_spec(cfg: Config, attention: str = "lminfinite", n_global: int | N
                    n_local: int | None = None, ceiling: int | None = None) -> AttentionSpec:
     """Resolve a preset and its overrides into an AttentionSpec (ValueError on bad values)."""
     if attention not in PRESETS:
-        raise ValueError(f"unknown attention preset {attention!r} (choose from {', '.join(PRESETS)})")
+        raise ValueError(f"unknown attention preset {attention!r} "
+                         f"(choose from {', '.join(PRESETS)})")
     if attention == "full":
         return AttentionSpec("full", 0, None, None)
     n_local = cfg.max_position_embeddings if n_local is None else int(n_local)
@@ -102,8 +103,8 @@ class QueryBlock:
 class ChunkPlan:
     """Everything about a chunk that depends on positions only (shared by all layers)."""
     positions: np.ndarray
-    blocks: list
-    parts: list           # the blocks split into contiguous runs, one per worker thread
+    blocks: list[QueryBlock]
+    parts: list[list[QueryBlock]]  # the blocks split into contiguous runs, one per worker thread
     write: WritePlan      # where the chunk's keys go
 
     @property
@@ -173,7 +174,7 @@ def attend(q: Array, q_capped: Array | None, k: Array, v: Array, cache: KVCache,
     k_cache, v_cache = cache.k[layer], cache.v[layer]  # [kv_heads, d, slots], [kv_heads, slots, d]
     out = work.buffer("attention", (n_q, kv_heads, group, d), n_q)
 
-    def attend_blocks(worker: int, blocks: list) -> None:
+    def attend_blocks(worker: int, blocks: list[QueryBlock]) -> None:
         for blk in blocks:
             a, b, lo, n = blk.start, blk.stop, blk.chunk_lo, blk.n_cache
             rows, width = (b - a) * group, n + b - lo

@@ -50,8 +50,3 @@ def to_device(xp, a):
 def to_host(a) -> np.ndarray:
     """Bring an array back to the host as a NumPy array (no copy on numpy)."""
     return a if isinstance(a, np.ndarray) else a.get()
-
-
-def array_module(a):
-    """The array module an array belongs to."""
-    return np if isinstance(a, np.ndarray) else __import__("cupy").get_array_module(a)

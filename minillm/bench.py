@@ -1,4 +1,5 @@
-"""`minillm bench`: the minillm half of the performance comparison (DESIGN.md §6).
+"""`minillm bench`: the minillm half of the performance comparison (the keys it reports are in
+docs/DESIGN.md, "Interfaces others rely on").
 
 Prompt processing at 512 and 2048 tokens (last-token logits, as llama.cpp measures it), decode
 of 128 tokens after a 512-token prompt, scoring (all logits, 512-token chunks); each one
@@ -58,7 +59,7 @@ def run_bench(model, repeats: int = REPEATS, progress=lambda msg: None) -> dict:
         progress(f"prompt {n}")
         ids = bench_ids(model, n)
         out[f"prompt_{n}_tps"] = _median_rate(
-            lambda: model.session().feed(ids, logits="last"), n, repeats)
+            lambda ids=ids: model.session().feed(ids, logits="last"), n, repeats)
 
     progress("decode")
     prompt = bench_ids(model, 512)

@@ -61,7 +61,6 @@ class ChatTemplate:
     def __init__(self, source: str, tokenizer):
         import jinja2
 
-        self.source = source
         try:
             self._template = compile_template(source)
         except jinja2.exceptions.TemplateError as err:

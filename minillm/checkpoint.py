@@ -28,8 +28,8 @@ def write_checkpoint(path: str, session, record: dict | None = None) -> None:
     """Write `session` and the caller's flat `record` to `path`: a temporary file, fsynced, then
     renamed over `path`, so a crash leaves either the old checkpoint or the new one."""
     record = dict(record or {})
-    clash = [k for k in record if k in CHECKPOINT_KEYS or not isinstance(record[k], (str, int, float,
-                                                                                  bool, type(None)))]
+    flat = (str, int, float, bool, type(None))
+    clash = [k for k in record if k in CHECKPOINT_KEYS or not isinstance(record[k], flat)]
     if clash:
         raise ValueError(f"checkpoint record keys must be flat and not {CHECKPOINT_KEYS}: {clash}")
     spec = session.spec

@@ -43,13 +43,8 @@ class Config:
     def n_kv_heads(self) -> int:
         return self.num_key_value_heads
 
-    @property
-    def group_size(self) -> int:
-        """Query heads per key/value head (grouped-query attention)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "Config":
+    def from_dict(cls, d: dict, source: str = "config") -> Config:
         """Build from a `config.json` dict; refuse what the runtime cannot run exactly."""
         if not isinstance(d, dict):
             raise ModelFileError(f"{source}: the model config is not a JSON object")
@@ -104,8 +99,8 @@ class Config:
             if not 0 < v <= 1 << 24:
                 raise ModelFileError(f"{source}: {name} = {v} is out of range")
         if self.n_heads % self.n_kv_heads:
-            raise ModelFileError(f"{source}: num_attention_heads ({self.n_heads}) is not a multiple "
-                                 f"of num_key_value_heads ({self.n_kv_heads})")
+            raise ModelFileError(f"{source}: num_attention_heads ({self.n_heads}) is not a "
+                                 f"multiple of num_key_value_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ModelFileError(f"{source}: head_dim {self.head_dim} is odd; RoPE needs pairs")
 

@@ -12,5 +12,5 @@ class ModelFileError(MiniLLMError):
 
 
 def one_line(err: BaseException) -> str:
-    """A library's error message to quote inside ours: all of it on one line, or the error's type."""
+    """A library's error message to quote in ours: all of it on one line, or the error's type."""
     return " ".join(str(err).split()) or type(err).__name__

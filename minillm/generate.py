@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
 
 from .sampling import SamplingParams, sample
 
@@ -30,11 +30,10 @@ def generate_ids(session, prompt_ids, params: SamplingParams, stop_ids=frozenset
         logits = session.feed([token], logits="last")
 
 
-def generate_text(model, session, prompt_ids, params: SamplingParams, rng=None,
-                  history=()) -> Iterator[str]:
+def generate_text(model, session, prompt_ids, params: SamplingParams) -> Iterator[str]:
     """Stream decoded text pieces (UTF-8 safe), stopping at the model's end-of-sequence ids."""
     decoder = model.tokenizer.stream_decoder(skip_special=True)
-    for token in generate_ids(session, prompt_ids, params, model.eos_ids, rng, history):
+    for token in generate_ids(session, prompt_ids, params, model.eos_ids):
         if token in model.eos_ids:
             break
         piece = decoder.add(token)

@@ -17,7 +17,8 @@ def default_cache_bytes(cfg) -> int:
     spec = attention_spec(cfg)
     slots = spec.n_global + spec.n_local
     per_slot = 2 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.head_dim * 4
-    return slots * per_slot + cfg.num_hidden_layers * cfg.n_kv_heads * spec.n_global * cfg.head_dim * 4
+    raw_globals = cfg.num_hidden_layers * cfg.n_kv_heads * spec.n_global * cfg.head_dim * 4
+    return slots * per_slot + raw_globals
 
 
 def model_info(model) -> dict:

@@ -7,6 +7,7 @@ d head_dim, F intermediate size, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class Chunk:
     plan: ChunkPlan
     rot: Rotations
     rows: list[slice]
-    xp: object
+    xp: ModuleType  # numpy or cupy
 
     def __post_init__(self):
         cfg, n = self.cfg, len(self.plan.positions)

@@ -15,7 +15,8 @@ def require_matplotlib():
     return plt
 
 
-def plot_curves(path: str, curves: dict, title: str = "", training_length: int | None = None) -> None:
+def plot_curves(path: str, curves: dict, title: str = "",
+                training_length: int | None = None) -> None:
     """curves: label -> (positions, mean NLL). Writes a PNG."""
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)

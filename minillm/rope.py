@@ -28,8 +28,10 @@ def inv_freq(cfg: Config) -> np.ndarray:
 
 
 def _llama3_scale(freq: np.ndarray, s: dict) -> np.ndarray:
-    """Llama 3.1 scaling: long wavelengths slowed by `factor`, short kept, a smooth ramp between."""
-    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    """Llama 3.1 scaling: long wavelengths slowed by `factor`, short kept, a smooth ramp
+    between."""
+    factor = float(s["factor"])
+    low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
     old_len = float(s["original_max_position_embeddings"])
     wavelen = 2 * math.pi / freq
     smooth = (old_len / wavelen - low) / (high - low)

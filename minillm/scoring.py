@@ -11,8 +11,9 @@ import dataclasses
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 import numpy as np
 
@@ -162,7 +163,7 @@ class Scorer:
     @classmethod
     def resume(cls, path: str, model, spec: AttentionSpec, chunk_size: int = 512,
                max_tokens: int | None = None) -> Scorer:
-        """A scorer continuing a checkpoint; refused unless made with the same model and settings."""
+        """A scorer resuming a checkpoint; refused unless made with the same model and settings."""
         session, record = read_checkpoint(path, model)
         have = {"chunk_size": record.get("chunk_size"), **asdict(session.spec)}
         want = {"chunk_size": chunk_size, **asdict(spec)}
@@ -178,7 +179,8 @@ class Scorer:
         scorer = cls(session, chunk_size, max_tokens)
         scorer.stats, scorer.at = stats, at
         own = {"chunk_size"} | {f.name for f in fields(ScoreStats) + fields(InputPosition)}
-        scorer.notes = {k: v for k, v in record.items() if k not in own and k not in CHECKPOINT_KEYS}
+        scorer.notes = {k: v for k, v in record.items()
+                        if k not in own and k not in CHECKPOINT_KEYS}
         return scorer
 
     def seek_input(self, stream: BinaryIO, seekable: bool) -> None:

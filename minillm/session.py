@@ -49,7 +49,7 @@ def _sigint_deferred():
 
 
 class AttentionWarning(UserWarning):
-    """A setting that works but leaves LM-Infinite's guarantees (growing memory, unseen distances)."""
+    """A working setting that leaves LM-Infinite's guarantees (growing memory, unseen distances)."""
 
 
 def _nll_of_rows(states: Array, targets: Array, lm_head_w: Array, logits_rows: Array, xp) -> Array:
@@ -140,7 +140,8 @@ class Session:
         if logits not in LOGITS_MODES:
             raise ValueError(f"logits must be one of {LOGITS_MODES} (got {logits!r})")
         ids = self._ids(ids)
-        out = np.empty((len(ids), self.model.config.vocab_size), np.float32) if logits == "all" else None
+        vocab = self.model.config.vocab_size
+        out = np.empty((len(ids), vocab), np.float32) if logits == "all" else None
         with self._threads(len(ids)):
             for a, b, h in self._advance(ids, chunk_size):
                 if logits == "all":
@@ -166,12 +167,12 @@ class Session:
 
     def _nll_chunks(self, ids: np.ndarray, chunk_size: int, out: np.ndarray) -> None:
         xp, w = self.model.xp, self.model.weights
+        logits_rows = self.workspace.logits_rows
         prev = self.last_hidden
-        for a, b, h in self._advance(ids, chunk_size):
+        for a, _, h in self._advance(ids, chunk_size):
             # states[r] predicts token first + r
             states = h[:-1] if prev is None else xp.concatenate([prev[None], h[:-1]])
             first = a if prev is not None else a + 1
-            logits_rows = self.workspace.logits_rows
             for r in range(0, len(states), NLL_ROWS):
                 rows = states[r:r + NLL_ROWS]
                 t0 = first + r

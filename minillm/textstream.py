@@ -11,8 +11,9 @@ boundary is cut anyway (at a character boundary), with a warning.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 READ_BLOCK = 1 << 18      # bytes read at a time
 MAX_RUN = 1 << 20         # the longest stretch without a safe cut before cutting anyway
@@ -97,10 +98,3 @@ def read_pieces(stream: BinaryIO, start: int = 0, block: int = READ_BLOCK,
         offset += len(raw)
     if buf:
         yield Piece(decode(buf), offset, buf)
-
-
-def encode_pieces(tokenizer, pieces, first: bool = True) -> Iterator[tuple[Piece, list[int]]]:
-    """Token ids of each piece; pieces after the first are encoded as continuations."""
-    for piece in pieces:
-        yield piece, tokenizer.encode_continuation(piece.text, first=first)
-        first = False

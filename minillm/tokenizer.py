@@ -1,4 +1,4 @@
-"""Text <-> token ids: one interface over a `tokenizers` (tokenizer.json) or a SentencePiece backend.
+"""Text <-> token ids: one interface over a `tokenizers` (tokenizer.json) or SentencePiece backend.
 
 Host-only code: ids are plain Python ints. BOS is prepended only when the tokenizer's own config
 asks for it (`add_bos_token`); EOS is never appended by encode().
@@ -72,7 +72,8 @@ class _HFBackend:
 
 
 class _SPBackend:
-    """A SentencePiece model. It never parses control tokens in text, so special=True splits them out."""
+    """A SentencePiece model. It never parses control tokens in text, so special=True splits
+    them out."""
 
     def __init__(self, model_bytes: bytes):
         import sentencepiece
@@ -84,7 +85,8 @@ class _SPBackend:
             raise ModelFileError(f"invalid SentencePiece model: {one_line(err)}") from None
         self.vocab_size = self._sp.get_piece_size()
         self.special_ids = frozenset(i for i in range(self.vocab_size) if self._sp.is_control(i))
-        pieces = sorted(filter(None, map(self._sp.id_to_piece, self.special_ids)), key=len, reverse=True)
+        pieces = sorted(filter(None, map(self._sp.id_to_piece, self.special_ids)), key=len,
+                        reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, pieces))) if pieces else None
         self.default_bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.default_eos = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
@@ -140,7 +142,8 @@ class Tokenizer:
             raise ModelFileError("the tokenizer config asks for a BOS token but names none")
 
     @classmethod
-    def _build(cls, backend, config: dict | None, add_bos_default: bool, bos_id, eos_id) -> Tokenizer:
+    def _build(cls, backend, config: dict | None, add_bos_default: bool,
+               bos_id, eos_id) -> Tokenizer:
         config = config or {}
 
         def config_id(key: str, default: int | None) -> int | None:
@@ -159,19 +162,21 @@ class Tokenizer:
         cls, json_text: str, tokenizer_config: dict | None = None, *, bos_id=None, eos_id=None
     ) -> Tokenizer:
         backend = _HFBackend(json_text)
-        # Without a config, BOS is added only where the tokenizer.json's own post-processor adds it.
-        return cls._build(backend, tokenizer_config, backend.default_bos is not None, bos_id, eos_id)
+        # Without a config, BOS is added only where the tokenizer.json's post-processor adds it.
+        return cls._build(backend, tokenizer_config, backend.default_bos is not None,
+                          bos_id, eos_id)
 
     @classmethod
     def from_sentencepiece(
         cls, model_bytes: bytes, tokenizer_config: dict | None = None, *, bos_id=None, eos_id=None
     ) -> Tokenizer:
         backend = _SPBackend(model_bytes)
-        return cls._build(backend, tokenizer_config, backend.default_bos is not None, bos_id, eos_id)
+        return cls._build(backend, tokenizer_config, backend.default_bos is not None,
+                          bos_id, eos_id)
 
     @classmethod
     def from_source(cls, src, *, bos_id=None, eos_id=None) -> Tokenizer:
-        """A model source's tokenizer (see minillm.formats): its tokenizer.json, else SentencePiece."""
+        """A model source's tokenizer (see minillm.formats): tokenizer.json, else SentencePiece."""
         if src.tokenizer_json is not None:
             return cls.from_tokenizer_json(src.tokenizer_json, src.tokenizer_config,
                                            bos_id=bos_id, eos_id=eos_id)
@@ -232,7 +237,7 @@ class StreamDecoder:
         return new
 
     def flush(self) -> str:
-        """The held-back rest (incomplete bytes decode as U+FFFD); the decoder then starts afresh."""
+        """The held-back rest (incomplete bytes become U+FFFD); the decoder then starts afresh."""
         new = self._decode(self._ids)[len(self._context_text) :]
         self._ids, self._n_context, self._context_text = [], 0, ""
         return new

@@ -9,11 +9,11 @@ float32 file stays memory-mapped and is never duplicated.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import to_device
+from .backend import Array, to_device
 from .config import Config
 from .errors import ModelFileError
 
@@ -26,18 +26,18 @@ class WeightWarning(UserWarning):
 
 @dataclass
 class LayerWeights:
-    attn_norm: object  # [hidden]
-    w_qkv: object      # [(n_heads + 2 n_kv_heads) * head_dim, hidden]: q, k, v in one GEMM
-    wo: object         # [hidden, n_heads * head_dim]
-    mlp_norm: object   # [hidden]
-    w_gate_up: object  # [2 intermediate, hidden]: gate and up in one GEMM
-    w_down: object     # [hidden, intermediate]
+    attn_norm: Array  # [hidden]
+    w_qkv: Array      # [(n_heads + 2 n_kv_heads) * head_dim, hidden]: q, k, v in one GEMM
+    wo: Array         # [hidden, n_heads * head_dim]
+    mlp_norm: Array   # [hidden]
+    w_gate_up: Array  # [2 intermediate, hidden]: gate and up in one GEMM
+    w_down: Array     # [hidden, intermediate]
     # the checkpoint's own matrices, as views into the fused ones
-    wq: object = None
-    wk: object = None
-    wv: object = None
-    w_gate: object = None
-    w_up: object = None
+    wq: Array = field(init=False)
+    wk: Array = field(init=False)
+    wv: Array = field(init=False)
+    w_gate: Array = field(init=False)
+    w_up: Array = field(init=False)
 
     def __post_init__(self):
         q, kv = self.wo.shape[1], (self.w_qkv.shape[0] - self.wo.shape[1]) // 2
@@ -46,7 +46,7 @@ class LayerWeights:
         self.w_gate, self.w_up = self.w_gate_up[:f], self.w_gate_up[f:]
 
 
-def fuse_rows(parts: list, xp):
+def fuse_rows(parts: list[np.ndarray], xp) -> Array:
     """Stack matrices along rows. Free when they lie back to back in one host buffer (a float32
     file written in minillm's order: `minillm convert`), a copy otherwise."""
     adjacent = xp is np and all(
@@ -63,9 +63,9 @@ def fuse_rows(parts: list, xp):
 @dataclass
 class Weights:
     embed: np.ndarray  # [vocab, hidden], always on the host: rows are gathered per token
-    layers: list
-    norm: object       # [hidden]
-    lm_head: object    # [vocab, hidden] (the embedding itself when tied)
+    layers: list[LayerWeights]
+    norm: Array        # [hidden]
+    lm_head: Array     # [vocab, hidden] (the embedding itself when tied)
 
 
 def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -95,12 +95,14 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
 def check_source(source, cfg: Config, name: str) -> None:
     """Refuse missing, unexpected or misshapen tensors before anything large is read."""
     shapes = expected_shapes(cfg)
-    keys = {k for k in source.keys() if not k.endswith(IGNORED_SUFFIXES)}
+    # a tensor source is no dict: keys() is its only listing (it cannot be iterated)
+    keys = {k for k in source.keys() if not k.endswith(IGNORED_SUFFIXES)}  # noqa: SIM118
     missing = [k for k in shapes if k not in keys]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ModelFileError(f"{name}: missing tensor {missing[0]}{more}")
-    extra = sorted(keys - shapes.keys() - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    extra = sorted(keys - shapes.keys() - tied)
     if extra:
         raise ModelFileError(f"{name}: unexpected tensor {extra[0]} (not a Llama checkpoint?)")
     for k, want in shapes.items():

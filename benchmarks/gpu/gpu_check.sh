@@ -6,7 +6,6 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3
-mkdir -p ../shared && ln -sfn "$PWD/.devwork/shared_data" ../shared/data
 nvidia-smi -L
 python3 -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__, cupy.cuda.runtime.getDeviceCount())"
 which minillm

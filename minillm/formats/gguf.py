@@ -270,7 +270,8 @@ _DIGITS_THEN_GPT2 = {
 _LLAMA3 = {
     "type": "Sequence",
     "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": _LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+        {"type": "Split", "pattern": {"Regex": _LLAMA3_REGEX}, "behavior": "Isolated",
+         "invert": False},
         {**_GPT2_REGEX_BYTELEVEL, "use_regex": False},
     ],
 }
@@ -289,7 +290,7 @@ _IGNORES_MERGES = {"llama-bpe", "llama3"}  # Llama 3 looks whole words up in the
 
 
 def tokenizer_from_gguf(reader) -> tuple[str, dict]:
-    """(tokenizer.json text, tokenizer_config dict) for the tokenizer stored in a gguf.GGUFReader."""
+    """(tokenizer.json text, tokenizer_config dict) of the tokenizer in a gguf.GGUFReader."""
     kind = _field(reader, "tokenizer.ggml.model")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if kind is None or not tokens:
@@ -317,7 +318,8 @@ def _tokenizer_config(reader, tokens: list[str], kind: str) -> dict:
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     # llama.cpp's default: SentencePiece models start with BOS, byte-level BPE ones do not.
-    config = {"add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", kind == "llama"))}
+    add_bos = _field(reader, "tokenizer.ggml.add_bos_token", kind == "llama")
+    config = {"add_bos_token": bool(add_bos)}
     for key in ("bos", "eos"):
         if token(key) is not None:
             config[f"{key}_token"] = token(key)
@@ -382,18 +384,22 @@ def _byte_level_bpe(reader, tokens: list[str], types: list[int]) -> dict:
         raise ModelFileError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: {supported})")
     merges = _field(reader, "tokenizer.ggml.merges")
     if not merges:
-        raise ModelFileError("GGUF tokenizer: a gpt2 (byte-level BPE) model without tokenizer.ggml.merges")
+        raise ModelFileError("GGUF tokenizer: a gpt2 (byte-level BPE) model without "
+                             "tokenizer.ggml.merges")
     model = _bpe_model(tokens, merges, ignore_merges=pre in _IGNORES_MERGES)
-    decoder = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    decoder = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+               "use_regex": True}
     added = _added_tokens(tokens, types, {_CONTROL})
     return _tokenizer_json(added, None, _PRE_TOKENIZERS[pre], decoder, model)
 
 
 def _sentencepiece_bpe(reader, tokens: list[str], types: list[int]) -> dict:
-    """The equivalent of Hugging Face's LlamaTokenizerFast (legacy) for a SentencePiece BPE vocabulary."""
+    """The equivalent of Hugging Face's LlamaTokenizerFast (legacy) for a SentencePiece BPE
+    vocabulary."""
     scores = _field(reader, "tokenizer.ggml.scores")
     if scores is None or len(scores) != len(tokens):
-        raise ModelFileError("GGUF tokenizer: a llama (SentencePiece) model needs one score per token")
+        raise ModelFileError("GGUF tokenizer: a llama (SentencePiece) model needs one score "
+                             "per token")
     unk_id = _field(reader, "tokenizer.ggml.unknown_token_id")
     unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
     if unk is None and "<unk>" in tokens:
@@ -413,11 +419,14 @@ def _sentencepiece_bpe(reader, tokens: list[str], types: list[int]) -> dict:
         ],
     }
     added = _added_tokens(tokens, types, {_CONTROL, _UNKNOWN})
-    return _tokenizer_json(added, {"type": "Sequence", "normalizers": normalizer}, None, decoder, model)
+    normalizers = {"type": "Sequence", "normalizers": normalizer}
+    return _tokenizer_json(added, normalizers, None, decoder, model)
 
 
-def _merges_from_scores(tokens: list[str], types: list[int], scores: list[float]) -> list[list[str]]:
-    """BPE merges implied by SentencePiece scores (as transformers' SentencePieceExtractor derives them).
+def _merges_from_scores(tokens: list[str], types: list[int],
+                        scores: list[float]) -> list[list[str]]:
+    """BPE merges implied by SentencePiece scores (as transformers' SentencePieceExtractor
+    derives them).
 
     SentencePiece merges the adjacent pair whose joined piece scores highest, so every split of a
     normal piece into two known pieces is a merge, ranked by the joined piece's score, descending.

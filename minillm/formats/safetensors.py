@@ -1,4 +1,4 @@
-"""The only reader and writer of safetensors files: strict header checks, lazy memory-mapped tensors.
+"""The one reader and writer of safetensors files: strict header checks, lazy memory-mapped tensors.
 
 Format: an 8-byte little-endian header length N, N bytes of JSON
 ({name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}), then the data.
@@ -10,7 +10,7 @@ import json
 import math
 import os
 import struct
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -98,7 +98,7 @@ class SafetensorsFile:
 
     def _check_overlaps(self, name):
         spans = sorted((b, e, k) for k, (_, _, b, e) in self.entries.items() if e > b)
-        for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+        for (_, e0, k0), (b1, _, k1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise ModelFileError(f"{name}: tensors {k0!r} and {k1!r} overlap in the file")
 
@@ -115,7 +115,8 @@ class SafetensorsFile:
             try:
                 self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
             except OSError as e:
-                raise ModelFileError(f"{os.path.basename(self.path)}: cannot map ({e.strerror})") from None
+                raise ModelFileError(f"{os.path.basename(self.path)}: cannot map "
+                                     f"({e.strerror})") from None
         buf = self._map[self.data_start + begin:self.data_start + end]
         # a plain ndarray view: slicing a memmap subclass costs a Python call every time
         return buf.view(np.ndarray).view(DTYPES[dtype]).reshape(shape)
@@ -149,7 +150,8 @@ def write_safetensors(path: str, specs: Iterable[tuple[str, tuple[int, ...]]],
     specs = list(specs)
     for name, shape in specs:
         nbytes = math.prod(shape) * item
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": code, "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if metadata:
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
