@@ -1,14 +1,15 @@
-"""`minillm bench --json` reports the keys DESIGN.md §6 pins, with plausible values."""
+"""`minillm bench --json` reports the keys docs/DESIGN.md pins ("Interfaces others rely on"),
+with plausible values."""
 
 import json
 
 from click.testing import CliRunner
+from helpers import BACKEND
 
 from minillm_cli.main import cli
 
-from conftest import BACKEND
-
-KEYS = {"prompt_512_tps", "prompt_2048_tps", "decode_tps", "score_tps", "peak_rss_mb", "blas_kernel"}
+KEYS = {"prompt_512_tps", "prompt_2048_tps", "decode_tps", "score_tps", "peak_rss_mb",
+        "blas_kernel"}
 
 
 def test_bench_json(tiny_dir):

@@ -10,14 +10,13 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import BACKEND, TINY_TEMPLATE
 
 import minillm
 import minillm.session
-from minillm.chat import (FALLBACK_TEMPLATE, Chat, ChatTemplate, _encode, _StopText,
-                          end_of_turn_ids)
+from minillm.chat import FALLBACK_TEMPLATE, Chat, ChatTemplate, _encode, _StopText, end_of_turn_ids
 from minillm.errors import MiniLLMError
 from minillm.tokenizer import Tokenizer
-from conftest import BACKEND
 
 # SmolLM2-135M-Instruct's template (ChatML with a default system prompt), as stored in its file.
 SMOLLM2_TEMPLATE = (
@@ -60,11 +59,7 @@ BLOCKY_TEMPLATE = """{% for message in messages %}
 {% if add_generation_prompt %}
 [ASSISTANT]
 {% endif %}"""
-# The tiny models' tokenizer knows <s> and </s>: a ChatML-like template built from them.
-TINY_TEMPLATE = (
-    "{% for m in messages %}{{ bos_token + m['role'] + '\n' + m['content'] + eos_token + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ bos_token + 'assistant\n' }}{% endif %}"
-)
+# TINY_TEMPLATE (helpers): a ChatML-like template of the tiny models' <s> and </s>.
 # Rewrites history on every turn (the header counts the messages): the chat must re-feed all.
 REWRITING_TEMPLATE = "{{ 'turns: ' ~ (messages | length) ~ '\n' }}" + TINY_TEMPLATE
 
@@ -162,6 +157,7 @@ def test_template_renders_as_transformers(template, conversation, tokenizer, tok
     assert ours == hf_render(tokenizer_json, template, messages)
 
 
+@pytest.mark.real_model
 def test_real_model_template_renders_as_transformers(real_model, tokenizer_json):
     assert real_model.chat_template is not None
     for messages in CONVERSATIONS:
@@ -283,7 +279,8 @@ def test_long_conversation_in_constant_memory(fresh_tiny):
     reset = chat.session.reset
     chat.session.reset = lambda: (resets.append(1), reset())[1]
     rng = random.Random(0)
-    words = "the quick brown fox jumps over the lazy dog hello world".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "hello",
+             "world"]
     sizes, answers = [], []
     while chat.session.position <= 4 * n_local:
         question = " ".join(rng.choice(words) for _ in range(12))
@@ -303,7 +300,8 @@ def test_long_conversation_in_constant_memory(fresh_tiny):
 def test_a_100kb_message_streams_through_the_ring(fresh_tiny):
     chat = tiny_chat(fresh_tiny, n_local=64, max_tokens=4)
     rng = random.Random(1)
-    words = "the quick brown fox jumps over the lazy dog 1234 ünïcödé hello".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "1234",
+             "ünïcödé", "hello"]
     text = " ".join(rng.choice(words) for _ in range(20000))[:100_000]
     "".join(chat.send("hi"))
     nbytes = chat.session.nbytes
@@ -365,7 +363,17 @@ def test_keyboard_interrupt_during_generation_keeps_the_partial_answer(fresh_tin
     assert chat.session.position > position  # continued in place
 
 
-def test_ctrl_c_inside_a_chunk_waits_for_the_chunk(fresh_tiny, monkeypatch):
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt (Python's default) during the test, even in a pytest
+    started with SIGINT ignored (a background job of a non-interactive shell), where Python
+    installs no handler and the session's deferral would re-deliver the signal to SIG_IGN."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_inside_a_chunk_waits_for_the_chunk(fresh_tiny, monkeypatch, sigint_raises):
     """A real SIGINT landing inside a chunk of a long prompt is held until the chunk is in the
     cache: the session stops at a chunk boundary, whole, and the conversation goes on from the
     ids that got in (they equal a fresh session fed the same ids)."""

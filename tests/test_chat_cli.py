@@ -1,4 +1,5 @@
-"""`minillm chat` end to end on SmolLM2: a pseudo-terminal session (pexpect) and pipe mode."""
+"""`minillm chat` end to end: a pseudo-terminal session on SmolLM2 (pexpect), pipe mode, and
+the command's usage errors and help (in this process, through click's CliRunner)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import re
 import subprocess
 
 import pytest
-
-from conftest import cli_env, minillm_command
 from click.testing import CliRunner
+from helpers import cli_env, default_sigint, invoke_cli, minillm_command
 
 from minillm_cli.main import cli
 
@@ -24,8 +24,11 @@ def env() -> dict:
 def spawn(model, *args):
     pexpect = pytest.importorskip("pexpect")
     cmd = minillm_command()
+    # started as a shell starts a foreground job, SIGINT at its default: a pytest running with
+    # SIGINT ignored would pass SIG_IGN on, and Ctrl-C during an answer would do nothing
     child = pexpect.spawn(cmd[0], cmd[1:] + ["chat", str(model), "--temperature", "0", *args],
-                          env=env(), encoding="utf-8", timeout=TIMEOUT, dimensions=(40, 200))
+                          env=env(), encoding="utf-8", timeout=TIMEOUT, dimensions=(40, 200),
+                          preexec_fn=default_sigint)
     child.expect_exact(PROMPT)
     return child
 
@@ -51,6 +54,7 @@ def run(model, *args, stdin: str):
                           timeout=TIMEOUT)
 
 
+@pytest.mark.real_model
 def test_interactive_session(real_model_path):
     child = spawn(real_model_path, "--max-tokens", "300", "--verbose")
     try:
@@ -97,8 +101,9 @@ def test_interactive_session(real_model_path):
 
 
 @pytest.mark.parametrize("quit_with", ["ctrl-c", "/exit"])
-def test_quit_at_the_prompt_exits_0(real_model_path, quit_with):
-    child = spawn(real_model_path)
+def test_quit_at_the_prompt_exits_0(tiny_chat_file, quit_with):
+    """No answer is asked for: the tiny model (with a chat template) stands in for SmolLM2."""
+    child = spawn(tiny_chat_file)
     try:
         if quit_with == "ctrl-c":
             child.sendcontrol("c")
@@ -109,6 +114,7 @@ def test_quit_at_the_prompt_exits_0(real_model_path, quit_with):
         child.close(force=True)
 
 
+@pytest.mark.real_model
 def test_pipe_answers_once(real_model_path):
     result = run(real_model_path, "--temperature", "0", stdin="What is the capital of France?\n")
     assert result.returncode == 0, result.stderr
@@ -118,16 +124,18 @@ def test_pipe_answers_once(real_model_path):
 
 
 @pytest.mark.parametrize("stdin", ["", "\n  \n"])
-def test_pipe_empty_input_prints_nothing(real_model_path, stdin):
-    result = run(real_model_path, stdin=stdin)
+def test_pipe_empty_input_prints_nothing(tiny_chat_file, stdin):
+    result = run(tiny_chat_file, stdin=stdin)
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
 
 
-def test_bad_settings_are_usage_errors(real_model_path):
-    result = run(real_model_path, "--n-local", "10", "--n-global", "20", stdin="hi\n")
+def test_bad_settings_are_usage_errors(tiny_chat_file):
+    result = invoke_cli("chat", tiny_chat_file, "--n-local", "10", "--n-global", "20",
+                        stdin=b"hi\n")
     assert result.returncode == 2
-    assert "n_global" in result.stderr and "Traceback" not in result.stderr
+    err = result.stderr.decode()
+    assert "n_global" in err and "Traceback" not in err
 
 
 def test_missing_model_is_one_line(tmp_path):

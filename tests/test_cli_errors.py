@@ -1,7 +1,9 @@
-"""`minillm info` / `minillm generate` on good and bad model files (issue 2, DESIGN.md §6 table).
+"""`minillm info` / `minillm generate` on good and bad model files (issue 2; docs/DESIGN.md,
+"Model files" and the table of inputs in "Interfaces others rely on").
 
 Every bad input gets exit status 1 and exactly one line on stderr naming the file and the
-problem, never a traceback; options out of range are click usage errors (exit 2).
+problem, never a traceback: these run the installed command as a process. Options out of
+range are click usage errors (exit 2): those need no process and run in this one.
 Broken files are made by rewriting the header of a converted tiny model
 (8-byte little-endian header length, JSON header, data).
 """
@@ -10,59 +12,24 @@ from __future__ import annotations
 
 import copy
 import json
-import resource
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import (
+    assert_one_line_error,
+    assert_usage_error,
+    chatml,
+    invoke_cli,
+    run_cli,
+    stderr_lines,
+    tiny_tokenizer,
+)
 
-from conftest import _tiny_tokenizer, cli_env, minillm_command
-
-TIMEOUT = 120
-CHATML_FRANCE = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-                 "<|im_start|>assistant\n")
+CHATML_FRANCE = chatml("What is the capital of France?")
 NORM = "model.norm.weight"
-
-
-# --- running the command line -----------------------------------------------------------------
-
-
-def _limit_memory():
-    # 1 GB of address space: a header that made us allocate what it declares would fail loudly
-    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-
-
-def run(*args, stdin: bytes | None = b"", limit_memory: bool = False):
-    return subprocess.run(minillm_command() + [str(a) for a in args], input=stdin,
-                          capture_output=True, env=cli_env(), timeout=TIMEOUT,
-                          preexec_fn=_limit_memory if limit_memory else None)
-
-
-def stderr_lines(result) -> list[str]:
-    return result.stderr.decode("utf-8", "replace").strip().splitlines()
-
-
-def assert_one_line_error(result, *needles: str) -> str:
-    """Exit 1, exactly one line on stderr, no traceback; returns the line."""
-    err = result.stderr.decode("utf-8", "replace")
-    assert "Traceback" not in err, err
-    assert result.returncode == 1, (result.returncode, err)
-    lines = stderr_lines(result)
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle.lower() in lines[0].lower(), (needle, lines[0])
-    return lines[0]
-
-
-def assert_usage_error(result, *needles: str) -> None:
-    err = result.stderr.decode("utf-8", "replace")
-    assert result.returncode == 2, (result.returncode, err)
-    assert "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
 
 
 # --- building broken single files ---------------------------------------------------------------
@@ -105,8 +72,6 @@ def set_value(name: str, index: int, value: float):
     return edit
 
 
-
-
 @pytest.fixture
 def broken(tiny_file, tmp_path):
     """broken(edit) -> path of a copy of the tiny file rewritten by edit."""
@@ -118,19 +83,19 @@ def broken(tiny_file, tmp_path):
 # --- a good file --------------------------------------------------------------------------------
 
 def test_info_prints_the_config(tiny_file):
-    result = run("info", tiny_file)
+    result = run_cli("info", tiny_file)
     assert result.returncode == 0, result.stderr
     out = result.stdout.decode()
     for key, value in (("hidden_size", "64"), ("num_hidden_layers", "2"),
                        ("num_key_value_heads", "2"), ("vocab_size", "300"),
                        ("stored_dtype", "F32"), ("parameters", "")):
-        line = next((l for l in out.splitlines() if l.strip().startswith(key + ":")), None)
+        line = next((x for x in out.splitlines() if x.strip().startswith(key + ":")), None)
         assert line is not None and line.strip().endswith(value), (key, out)
     assert result.stderr == b""
 
 
 def test_info_json(tiny_file):
-    result = run("info", tiny_file, "--json")
+    result = run_cli("info", tiny_file, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["hidden_size"] == 64 and report["num_attention_heads"] == 4
@@ -139,15 +104,16 @@ def test_info_json(tiny_file):
 
 
 def test_generate_on_the_tiny_file(tiny_file):
-    result = run("generate", tiny_file, "-p", "hello world", "--max-tokens", "5",
-                 "--temperature", "0")
+    result = run_cli("generate", tiny_file, "-p", "hello world", "--max-tokens", "5",
+                     "--temperature", "0")
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith(b"\n") and result.stderr == b""
 
 
+@pytest.mark.real_model
 def test_generate_greedy_says_paris(real_model_path):
-    result = run("generate", real_model_path, "-p", CHATML_FRANCE, "--temperature", "0",
-                 "--max-tokens", "20")
+    result = run_cli("generate", real_model_path, "-p", CHATML_FRANCE, "--temperature", "0",
+                     "--max-tokens", "20")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout.decode("utf-8")
     assert "Traceback" not in result.stderr.decode()
@@ -159,7 +125,7 @@ def test_generate_greedy_says_paris(real_model_path):
 def test_missing_path(tmp_path, command):
     path = tmp_path / "nope.safetensors"
     extra = ["-p", "hi"] if command == "generate" else []
-    assert_one_line_error(run(command, path, *extra), "nope.safetensors", "no such file")
+    assert_one_line_error(run_cli(command, path, *extra), "nope.safetensors", "no such file")
 
 
 NOT_MODELS = {
@@ -176,31 +142,31 @@ def test_not_a_model_file(tmp_path, kind, command):
     path = tmp_path / f"{kind}.safetensors"
     path.write_bytes(NOT_MODELS[kind])
     extra = ["-p", "hi"] if command == "generate" else []
-    assert_one_line_error(run(command, path, *extra), path.name, "not a safetensors file")
+    assert_one_line_error(run_cli(command, path, *extra), path.name, "not a safetensors file")
 
 
 def test_gguf_magic_with_garbage(tmp_path):
     path = tmp_path / "garbage.gguf"
     path.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x07" * 100)
-    assert_one_line_error(run("info", path), path.name, "GGUF")
+    assert_one_line_error(run_cli("info", path), path.name, "GGUF")
 
 
 def test_header_that_is_not_json(tmp_path):
     path = tmp_path / "notjson.safetensors"
     path.write_bytes(struct.pack("<Q", 10) + b"{not json}" + b"\0" * 64)
-    assert_one_line_error(run("info", path), path.name, "header")
+    assert_one_line_error(run_cli("info", path), path.name, "header")
 
 
 def test_metadata_that_is_not_a_string_map(broken):
     def edit(header, data):
         header["__metadata__"]["minillm.config"] = {"hidden_size": 64}
-    assert_one_line_error(run("info", broken(edit)), "broken.safetensors", "metadata")
+    assert_one_line_error(run_cli("info", broken(edit)), "broken.safetensors", "metadata")
 
 
 def test_tokenizer_config_that_is_not_an_object(broken):
     def edit(header, data):
         header["__metadata__"]["minillm.tokenizer_config"] = "[1, 2]"
-    assert_one_line_error(run("info", broken(edit)), "broken.safetensors", "tokenizer config")
+    assert_one_line_error(run_cli("info", broken(edit)), "broken.safetensors", "tokenizer config")
 
 
 # --- truncated files ----------------------------------------------------------------------------
@@ -218,13 +184,13 @@ def _cut(tiny_file, tmp_path, where: str) -> Path:
 @pytest.mark.parametrize("where", ["length", "header", "data", "last_byte"])
 def test_truncated_file(tiny_file, tmp_path, where):
     path = _cut(tiny_file, tmp_path, where)
-    line = assert_one_line_error(run("info", path), path.name)
+    line = assert_one_line_error(run_cli("info", path), path.name)
     assert "truncated" in line or "too short" in line
 
 
 def test_truncated_file_on_generate(tiny_file, tmp_path):
     path = _cut(tiny_file, tmp_path, "data")
-    assert_one_line_error(run("generate", path, "-p", "hello"), path.name, "truncated")
+    assert_one_line_error(run_cli("generate", path, "-p", "hello"), path.name, "truncated")
 
 
 # --- headers that lie ---------------------------------------------------------------------------
@@ -279,7 +245,7 @@ LIES = {
 @pytest.mark.parametrize("lie", LIES)
 def test_header_that_lies(broken, lie):
     edit, needles = LIES[lie]
-    assert_one_line_error(run("info", broken(edit), limit_memory=True),
+    assert_one_line_error(run_cli("info", broken(edit), limit_memory=True),
                           "broken.safetensors", *needles)
 
 
@@ -290,14 +256,14 @@ def test_huge_shapes_refused_before_any_allocation(broken, shape):
         header[NORM]["shape"] = shape
         header[NORM]["data_offsets"] = [begin, begin + int(np.prod(shape, dtype=object)) * 4]
     # run with 1 GB of address space: allocating what the header declares would fail loudly
-    assert_one_line_error(run("info", broken(edit), limit_memory=True),
+    assert_one_line_error(run_cli("info", broken(edit), limit_memory=True),
                           "broken.safetensors", NORM)
 
 
 def test_huge_header_length(tmp_path):
     path = tmp_path / "hugeheader.safetensors"
     path.write_bytes(struct.pack("<Q", 1 << 62) + b"{}" * 8)
-    assert_one_line_error(run("info", path, limit_memory=True), path.name, "not a safetensors")
+    assert_one_line_error(run_cli("info", path, limit_memory=True), path.name, "not a safetensors")
 
 
 # --- files that do not make a model ------------------------------------------------------------
@@ -305,24 +271,24 @@ def test_huge_header_length(tmp_path):
 def test_missing_tensor(broken):
     def edit(header, data):
         del header["model.layers.1.mlp.up_proj.weight"]
-    assert_one_line_error(run("info", broken(edit)), "broken.safetensors", "missing tensor",
+    assert_one_line_error(run_cli("info", broken(edit)), "broken.safetensors", "missing tensor",
                           "model.layers.1.mlp.up_proj.weight")
 
 
 def test_missing_tensor_on_generate(broken):
     def edit(header, data):
         del header[NORM]
-    assert_one_line_error(run("generate", broken(edit), "-p", "hi"), "broken.safetensors",
+    assert_one_line_error(run_cli("generate", broken(edit), "-p", "hi"), "broken.safetensors",
                           "missing tensor", NORM)
 
 
 def test_shape_that_contradicts_the_config(broken):
-    assert_one_line_error(run("info", broken(edit_config(intermediate_size=95))),
+    assert_one_line_error(run_cli("info", broken(edit_config(intermediate_size=95))),
                           "broken.safetensors", "mlp", "shape", "[96, 64]", "[95, 64]")
 
 
 def test_more_layers_in_the_config_than_in_the_file(broken):
-    assert_one_line_error(run("info", broken(edit_config(num_hidden_layers=3))),
+    assert_one_line_error(run_cli("info", broken(edit_config(num_hidden_layers=3))),
                           "broken.safetensors", "missing tensor", "model.layers.2.")
 
 
@@ -331,14 +297,14 @@ def test_unexpected_tensor(broken):
         end = len(data)
         header["model.layers.0.self_attn.q_proj.bias"] = {"dtype": "F32", "shape": [0],
                                                           "data_offsets": [end, end]}
-    assert_one_line_error(run("info", broken(edit)), "broken.safetensors", "unexpected tensor")
+    assert_one_line_error(run_cli("info", broken(edit)), "broken.safetensors", "unexpected tensor")
 
 
 @pytest.mark.parametrize("command", ["info", "generate"])
 def test_unknown_architecture(broken, command):
     path = broken(edit_config(model_type="gpt2", architectures=["GPT2LMHeadModel"]))
     extra = ["-p", "hi"] if command == "generate" else []
-    assert_one_line_error(run(command, path, *extra), "broken.safetensors",
+    assert_one_line_error(run_cli(command, path, *extra), "broken.safetensors",
                           "unsupported architecture", "GPT2LMHeadModel")
 
 
@@ -348,7 +314,7 @@ def test_unknown_architecture_in_a_folder(tiny_dir, tmp_path):
     cfg = json.loads((copy_ / "config.json").read_text())
     cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (copy_ / "config.json").write_text(json.dumps(cfg))
-    assert_one_line_error(run("info", copy_), "gpt2_folder", "unsupported architecture")
+    assert_one_line_error(run_cli("info", copy_), "gpt2_folder", "unsupported architecture")
 
 
 @pytest.mark.parametrize("scaling", [{"rope_type": "yarn", "factor": 4.0},
@@ -356,29 +322,29 @@ def test_unknown_architecture_in_a_folder(tiny_dir, tmp_path):
 def test_unsupported_rope_scaling(broken, scaling):
     path = broken(edit_config(rope_scaling=scaling))
     kind = scaling.get("rope_type") or scaling["type"]
-    assert_one_line_error(run("info", path), "broken.safetensors", "rope scaling", kind)
+    assert_one_line_error(run_cli("info", path), "broken.safetensors", "rope scaling", kind)
 
 
 def test_unsupported_rope_parameters_style(broken):
     path = broken(edit_config(rope_scaling=None,
                               rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}))
-    assert_one_line_error(run("info", path), "broken.safetensors", "rope scaling", "longrope")
+    assert_one_line_error(run_cli("info", path), "broken.safetensors", "rope scaling", "longrope")
 
 
 def test_tokenizer_larger_than_the_embedding(broken):
-    big = _tiny_tokenizer(400)  # more ids than the model's 300 embedding rows
+    big = tiny_tokenizer(400)  # more ids than the model's 300 embedding rows
     n_ids = big.get_vocab_size()
     assert n_ids > 300
 
     def edit(header, data):
         header["__metadata__"]["minillm.tokenizer_json"] = big.to_str()
-    line = assert_one_line_error(run("info", broken(edit)), "broken.safetensors", "tokenizer")
+    line = assert_one_line_error(run_cli("info", broken(edit)), "broken.safetensors", "tokenizer")
     assert str(n_ids) in line and "300" in line
 
 
 def test_tokenizer_larger_than_config_vocab_size(broken):
     # the config's vocab_size below the tokenizer's: refused (here before the embedding's shape)
-    line = assert_one_line_error(run("info", broken(edit_config(vocab_size=200))),
+    line = assert_one_line_error(run_cli("info", broken(edit_config(vocab_size=200))),
                                  "broken.safetensors")
     assert "tokenizer" in line or "shape" in line
 
@@ -386,7 +352,7 @@ def test_tokenizer_larger_than_config_vocab_size(broken):
 def test_corrupt_tokenizer(broken):
     def edit(header, data):
         header["__metadata__"]["minillm.tokenizer_json"] = '{"model": 42}'
-    assert_one_line_error(run("info", broken(edit)), "broken.safetensors", "tokenizer")
+    assert_one_line_error(run_cli("info", broken(edit)), "broken.safetensors", "tokenizer")
 
 
 # --- NaN / inf weights: a warning naming the tensor, and the run goes on -------------------------
@@ -394,7 +360,7 @@ def test_corrupt_tokenizer(broken):
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_nan_or_inf_weight_warns(broken, value):
     name = "model.layers.1.self_attn.k_proj.weight"
-    result = run("info", broken(set_value(name, 17, value)))
+    result = run_cli("info", broken(set_value(name, 17, value)))
     assert result.returncode == 0, result.stderr
     lines = stderr_lines(result)
     assert len(lines) == 1 and "warning" in lines[0] and name in lines[0], lines
@@ -403,8 +369,8 @@ def test_nan_or_inf_weight_warns(broken, value):
 
 def test_nan_weight_generate_greedy_continues(broken):
     name = "model.layers.0.mlp.down_proj.weight"
-    result = run("generate", broken(set_value(name, 3, np.nan)), "-p", "hello",
-                 "--max-tokens", "3", "--temperature", "0")
+    result = run_cli("generate", broken(set_value(name, 3, np.nan)), "-p", "hello",
+                     "--max-tokens", "3", "--temperature", "0")
     err = result.stderr.decode()
     assert result.returncode == 0, err
     assert "Traceback" not in err and name in err
@@ -413,8 +379,8 @@ def test_nan_weight_generate_greedy_continues(broken):
 def test_nan_weight_generate_sampling_says_why(broken):
     """Sampling from NaN logits is impossible: one clear line, exit 1 (greedy carries on)."""
     name = "model.layers.0.mlp.down_proj.weight"
-    result = run("generate", broken(set_value(name, 3, np.nan)), "-p", "hello",
-                 "--max-tokens", "3", "--temperature", "0.8", "--seed", "1")
+    result = run_cli("generate", broken(set_value(name, 3, np.nan)), "-p", "hello",
+                     "--max-tokens", "3", "--temperature", "0.8", "--seed", "1")
     err = result.stderr.decode()
     assert "Traceback" not in err and result.returncode == 1, err
     assert "NaN or inf logits" in err
@@ -422,8 +388,8 @@ def test_nan_weight_generate_sampling_says_why(broken):
 
 def test_nan_weight_score_reports_nan_not_a_number(broken):
     """NaN weights give NaN NLLs: the score says so (JSON null), it does not drop them."""
-    result = run("score", broken(set_value(NORM, 0, np.nan)), "--json",
-                 stdin=b"hello world, the quick brown fox")
+    result = run_cli("score", broken(set_value(NORM, 0, np.nan)), "--json",
+                     stdin=b"hello world, the quick brown fox")
     assert result.returncode == 0, result.stderr
     assert NORM in result.stderr.decode()
     summary = json.loads(result.stdout.decode().splitlines()[-1], parse_constant=_no_constants)
@@ -435,15 +401,15 @@ def _no_constants(name):
     raise ValueError(f"not strict JSON: {name}")
 
 
-# --- usage errors -------------------------------------------------------------------------------
+# --- usage errors: click's, checked in this process ------------------------------------------
 
 @pytest.mark.parametrize("prompt", [""])
 def test_empty_prompt_is_a_usage_error(tiny_file, prompt):
-    assert_usage_error(run("generate", tiny_file, "-p", prompt), "prompt is empty")
+    assert_usage_error(invoke_cli("generate", tiny_file, "-p", prompt), "prompt is empty")
 
 
 def test_missing_prompt_is_a_usage_error(tiny_file):
-    assert_usage_error(run("generate", tiny_file), "--prompt")
+    assert_usage_error(invoke_cli("generate", tiny_file), "--prompt")
 
 
 @pytest.mark.parametrize("option,value", [
@@ -452,8 +418,8 @@ def test_missing_prompt_is_a_usage_error(tiny_file):
     ("--temperature", "nan-ish"),
 ])
 def test_option_out_of_range_is_a_usage_error(tiny_file, option, value):
-    assert_usage_error(run("generate", tiny_file, "-p", "hi", option, value), option)
+    assert_usage_error(invoke_cli("generate", tiny_file, "-p", "hi", option, value), option)
 
 
 def test_info_threads_out_of_range(tiny_file):
-    assert_usage_error(run("info", tiny_file, "--threads", "0"), "--threads")
+    assert_usage_error(invoke_cli("info", tiny_file, "--threads", "0"), "--threads")

@@ -17,6 +17,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from helpers import reusing_gguf_reader  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from safetensors.torch import load_file as load_torch  # noqa: E402
@@ -48,7 +49,8 @@ LAYER_TO_GGUF = {
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """What llama.cpp's convert_hf_to_gguf.py does to Q and K rows (LlamaModel.permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    rows = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, rows, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def gguf_name(hf: str) -> str:
@@ -157,7 +159,7 @@ def gguf_file(tmp_path_factory, hf_folder, bpe) -> pathlib.Path:
     return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", hf_folder, bpe)
 
 
-def assert_one_line_error(excinfo, *words):
+def assert_one_line_message(excinfo, *words):
     msg = str(excinfo.value)
     assert "\n" not in msg and msg
     for w in words:
@@ -166,7 +168,8 @@ def assert_one_line_error(excinfo, *words):
 
 # -- the Q/K permutation
 
-@pytest.mark.parametrize("n_head,head_dim,cols", [(1, 2, 3), (4, 16, 64), (9, 64, 5), (3, 64, 1), (8, 128, 2)])
+@pytest.mark.parametrize("n_head,head_dim,cols",
+                         [(1, 2, 3), (4, 16, 64), (9, 64, 5), (3, 64, 1), (8, 128, 2)])
 def test_unpermute_qk_inverts_llama_cpp_permutation(n_head, head_dim, cols):
     w = np.random.default_rng(n_head).standard_normal((n_head * head_dim, cols)).astype(np.float32)
     np.testing.assert_array_equal(unpermute_qk(llama_cpp_permute(w, n_head), n_head), w)
@@ -193,7 +196,8 @@ def test_convert_hf_folder(hf_folder, tmp_path, dtype):
         assert torch.equal(a, expected), name
     meta = read_metadata(out)
     assert meta["minillm.format"] == "1"
-    assert Config.from_dict(json.loads(meta["minillm.config"])) == Config.from_dict(hf_config(hf_folder))
+    assert (Config.from_dict(json.loads(meta["minillm.config"]))
+            == Config.from_dict(hf_config(hf_folder)))
     assert json.loads(meta["minillm.tokenizer_config"]) == {
         "add_bos_token": False, "bos_token": "<s>", "eos_token": "</s>"}
     assert meta["minillm.chat_template"] == TEMPLATE
@@ -222,7 +226,8 @@ def test_convert_sentencepiece_folder_stores_the_model_bytes(tmp_path, bpe):
     src = HFFolderSource(folder)
     assert src.tokenizer_json is None and src.tokenizer_config["add_bos_token"] is False
     meta = read_metadata(convert(folder, tmp_path / "m.safetensors"))
-    assert base64.b64decode(meta["minillm.sentencepiece_b64"]) == (folder / "tokenizer.model").read_bytes()
+    stored = base64.b64decode(meta["minillm.sentencepiece_b64"])
+    assert stored == (folder / "tokenizer.model").read_bytes()
     assert "minillm.tokenizer_json" not in meta
 
 
@@ -278,7 +283,8 @@ def test_convert_gguf(gguf_file, hf_folder, tmp_path):
     for name, ref in want.items():
         np.testing.assert_array_equal(got[name], ref, err_msg=name)
     meta = read_metadata(tmp_path / "m.safetensors")
-    assert Config.from_dict(json.loads(meta["minillm.config"])) == Config.from_dict(hf_config(hf_folder))
+    assert (Config.from_dict(json.loads(meta["minillm.config"]))
+            == Config.from_dict(hf_config(hf_folder)))
     assert meta["minillm.chat_template"] == TEMPLATE
     assert "minillm.tokenizer_json" in meta
 
@@ -302,13 +308,17 @@ def test_gguf_q8_0_round_trip(tmp_path, hf_folder, bpe):
         np.testing.assert_array_equal(a, unpermute_qk(exact, n_head) if n_head else exact)
 
 
-def test_real_smollm2_gguf(smollm2_gguf_path):
-    src = GGUFSource(smollm2_gguf_path)
+@pytest.mark.real_model
+def test_real_smollm2_gguf(smollm2_gguf_path, smollm2_gguf_reader):
+    with reusing_gguf_reader(smollm2_gguf_path, smollm2_gguf_reader):  # parsed once a session
+        src = GGUFSource(smollm2_gguf_path)
     c = src.config
     assert (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
             c["num_key_value_heads"]) == (576, 30, 9, 3)
-    assert c["tie_word_embeddings"] is True and "lm_head.weight" not in src.keys()
-    assert (c["vocab_size"], c["rope_theta"], c["max_position_embeddings"]) == (49152, 100000.0, 8192)
+    # a GGUFSource is not a mapping: keys() is all it has
+    assert c["tie_word_embeddings"] is True and "lm_head.weight" not in src.keys()  # noqa: SIM118
+    assert ((c["vocab_size"], c["rope_theta"], c["max_position_embeddings"])
+            == (49152, 100000.0, 8192))
     assert c["rms_norm_eps"] == 1e-5 and c["head_dim"] == 64
     cfg = Config.from_dict(c)
     assert (cfg.bos_token_id, cfg.eos_token_id) == (1, (2,))
@@ -325,10 +335,10 @@ def test_not_a_gguf(tmp_path):
     p.write_bytes(b"this is not a model at all" * 10)
     with pytest.raises(ModelFileError) as e:
         GGUFSource(p)
-    assert_one_line_error(e, "junk.gguf", "not a GGUF")
+    assert_one_line_message(e, "junk.gguf", "not a GGUF")
     with pytest.raises(ModelFileError) as e:
         convert(p, tmp_path / "out.safetensors")
-    assert_one_line_error(e, "junk.gguf")
+    assert_one_line_message(e, "junk.gguf")
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -339,7 +349,7 @@ def test_truncated_gguf(gguf_file, tmp_path, keep):
     p.write_bytes(data[:int(len(data) * keep)] if keep < 1 else data[:keep])
     with pytest.raises(ModelFileError) as e:
         open_model(p)
-    assert_one_line_error(e, "cut.gguf")
+    assert_one_line_message(e, "cut.gguf")
 
 
 def test_gguf_of_another_architecture(tmp_path):
@@ -353,17 +363,18 @@ def test_gguf_of_another_architecture(tmp_path):
     w.close()
     with pytest.raises(ModelFileError) as e:
         convert(p, tmp_path / "out.safetensors")
-    assert_one_line_error(e, "gpt2.gguf", "'gpt2'")
+    assert_one_line_message(e, "gpt2.gguf", "'gpt2'")
 
 
 def test_gguf_with_a_type_gguf_cannot_dequantize(tmp_path, hf_folder, bpe):
     up = "model.layers.0.mlp.up_proj.weight"
     rows, cols = hf_tensors(hf_folder)[up].shape
-    q8_1 = (gguf_name(up), np.zeros((rows, cols // 32 * 40), np.uint8), gguf.GGMLQuantizationType.Q8_1)
+    q8_1 = (gguf_name(up), np.zeros((rows, cols // 32 * 40), np.uint8),
+            gguf.GGMLQuantizationType.Q8_1)
     path = write_gguf(tmp_path / "q81.gguf", hf_folder, bpe, drop={up}, extra=[q8_1])
     with pytest.raises(ModelFileError) as e:  # refused on open, not halfway through a conversion
         GGUFSource(path)
-    assert_one_line_error(e, "q81.gguf", "Q8_1")
+    assert_one_line_message(e, "q81.gguf", "Q8_1")
 
 
 def test_gguf_llama3_rope_freqs_refused(tmp_path, hf_folder, bpe):
@@ -371,7 +382,7 @@ def test_gguf_llama3_rope_freqs_refused(tmp_path, hf_folder, bpe):
     path = write_gguf(tmp_path / "l3.gguf", hf_folder, bpe, extra=[rope_freqs])
     with pytest.raises(ModelFileError) as e:
         GGUFSource(path)
-    assert_one_line_error(e, "l3.gguf", "rope_freqs")
+    assert_one_line_message(e, "l3.gguf", "rope_freqs")
 
 
 def test_folder_without_config(tmp_path, hf_folder):
@@ -380,7 +391,7 @@ def test_folder_without_config(tmp_path, hf_folder):
     (folder / "config.json").unlink()
     with pytest.raises(ModelFileError) as e:
         convert(folder, tmp_path / "out.safetensors")
-    assert_one_line_error(e, "noconfig", "config.json")
+    assert_one_line_message(e, "noconfig", "config.json")
 
 
 def test_folder_without_weights_or_tokenizer(tmp_path, hf_folder):
@@ -389,11 +400,11 @@ def test_folder_without_weights_or_tokenizer(tmp_path, hf_folder):
     (folder / "tokenizer.json").unlink()
     with pytest.raises(ModelFileError) as e:
         open_model(folder)
-    assert_one_line_error(e, "partial", "tokenizer.json")
+    assert_one_line_message(e, "partial", "tokenizer.json")
     (folder / "model.safetensors").unlink()
     with pytest.raises(ModelFileError) as e:
         open_model(folder)
-    assert_one_line_error(e, "partial", "model.safetensors")
+    assert_one_line_message(e, "partial", "model.safetensors")
 
 
 def test_shard_index_naming_a_missing_shard(tmp_path, bpe):
@@ -402,13 +413,13 @@ def test_shard_index_naming_a_missing_shard(tmp_path, bpe):
     missing.unlink()
     with pytest.raises(ModelFileError) as e:
         open_model(folder)
-    assert_one_line_error(e, "sharded", missing.name)
+    assert_one_line_message(e, "sharded", missing.name)
 
 
 def test_missing_path(tmp_path):
     with pytest.raises(ModelFileError) as e:
         open_model(tmp_path / "nope.gguf")
-    assert_one_line_error(e, "nope.gguf")
+    assert_one_line_message(e, "nope.gguf")
 
 
 def test_cli_entry(gguf_file, tmp_path, capsys):

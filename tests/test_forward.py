@@ -2,24 +2,10 @@
 
 import numpy as np
 import pytest
-import torch
+from helpers import BACKEND, TINY_CONFIGS, causal_reference_logits, rng_ids
 
 import minillm
 from minillm.convert import convert
-
-from conftest import BACKEND, TINY_CONFIGS, rng_ids
-
-DTYPE_ROUND = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def reference_logits(torch_model, ids, dtype="float32"):
-    """transformers' logits with the weights rounded to `dtype` (as the file stores them)."""
-    state = {k: v.to(DTYPE_ROUND[dtype]).float() for k, v in torch_model.state_dict().items()}
-    model = type(torch_model)(torch_model.config).eval()
-    model.load_state_dict(state)
-    model.config._attn_implementation = "eager"
-    with torch.no_grad():
-        return model(torch.tensor(ids)[None]).logits[0].numpy()
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
@@ -29,7 +15,7 @@ def test_folder_matches_transformers(tiny_dir, name):
     ids = rng_ids(50, model.config.vocab_size)
     ours = model.logits(ids)
     assert ours.dtype == np.float32 and ours.shape == (50, model.config.vocab_size)
-    np.testing.assert_allclose(ours, reference_logits(ref_model, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours, causal_reference_logits(ref_model, ids), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -39,7 +25,7 @@ def test_single_file_matches_transformers(tiny_dir, tmp_path, name, dtype):
     out = convert(folder, tmp_path / f"{name}.safetensors", dtype=dtype)
     model = minillm.load(out, backend=BACKEND)
     ids = rng_ids(40, model.config.vocab_size, seed=1)
-    np.testing.assert_allclose(model.logits(ids), reference_logits(ref_model, ids, dtype),
+    np.testing.assert_allclose(model.logits(ids), causal_reference_logits(ref_model, ids, dtype),
                                atol=1e-4, rtol=0)
 
 
@@ -51,7 +37,8 @@ def test_sharded_folder(tiny_dir, tmp_path):
     (folder / "tokenizer.json").write_bytes((tiny_dir("gqa")[0] / "tokenizer.json").read_bytes())
     model = minillm.load(folder, backend=BACKEND)
     ids = rng_ids(30, model.config.vocab_size, seed=2)
-    np.testing.assert_allclose(model.logits(ids), reference_logits(ref_model, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(model.logits(ids), causal_reference_logits(ref_model, ids),
+                               atol=1e-4, rtol=0)
 
 
 @pytest.mark.skipif(BACKEND != "numpy", reason="memory mapping is the CPU backend's")

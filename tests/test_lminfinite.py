@@ -1,74 +1,25 @@
 """LM-Infinite against a dense explicit-mask reference, exact streaming, constant memory.
 
-The reference runs transformers' own Llama with its attention replaced by a dense T x T
-implementation of DESIGN.md §1: local scores from transformers' rotated q/k, global scores
-from q rotated at the ceiling against un-rotated keys, and the Λ mask written out in full.
+The reference (helpers.lambda_reference_logits) runs transformers' own Llama with its attention
+replaced by a dense T x T implementation of docs/DESIGN.md, "The method": local scores from
+transformers' rotated q/k, global scores from q rotated at the ceiling against un-rotated keys,
+and the Λ mask written out in full.
 """
-
-import warnings
 
 import numpy as np
 import pytest
-import torch
-from transformers import AttentionInterface
+from helpers import (
+    BACKEND,
+    causal_reference_logits,
+    lambda_reference_logits,
+    make_session,
+    rng_ids,
+)
 
 import minillm
 from minillm.attention import AttentionSpec, lambda_mask
 from minillm.cache import EMPTY
 from minillm.session import AttentionWarning
-
-from conftest import BACKEND, rng_ids
-
-
-def _rotate_half(x):
-    h = x.shape[-1] // 2
-    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
-
-
-def dense_lambda_attention(n_global, n_local, ceiling, inv_freq):
-    inv_freq = torch.as_tensor(inv_freq, dtype=torch.float64)
-
-    def table(pos):
-        ang = pos[:, None] * inv_freq[None, :]
-        ang = torch.cat([ang, ang], dim=-1)
-        return ang.cos(), ang.sin()
-
-    def attn(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        q, k, v = query.double(), key.double(), value.double()        # [B, H|KV, T, d]
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        T = q.shape[2]
-        pos = torch.arange(T, dtype=torch.float64)
-        cos, sin = table(pos)
-        q_raw = q * cos - _rotate_half(q) * sin                        # undo transformers' RoPE
-        k_raw = k * cos - _rotate_half(k) * sin
-        local = (q @ k.transpose(-1, -2)) * scaling
-        dist = pos[:, None] - pos[None, :]
-        allowed_local = (dist >= 0) & (dist < n_local)
-        scores = torch.where(allowed_local, local, torch.tensor(-torch.inf, dtype=torch.float64))
-        if ceiling is not None:
-            c_cos, c_sin = table(torch.tensor([float(ceiling)], dtype=torch.float64))
-            q_cap = q_raw * c_cos + _rotate_half(q_raw) * c_sin
-            capped = (q_cap @ k_raw.transpose(-1, -2)) * scaling
-            allowed_capped = (dist >= n_local) & (pos[None, :] < n_global)
-            scores = torch.where(allowed_capped, capped, scores)
-        p = scores.softmax(dim=-1)
-        out = (p @ v).to(query.dtype).transpose(1, 2).contiguous()      # [B, T, H, d]
-        return out, p
-
-    return attn
-
-
-def reference_logits(torch_model, ids, n_global, n_local, ceiling):
-    AttentionInterface.register("dense_lambda", dense_lambda_attention(
-        n_global, n_local, ceiling, torch_model.model.rotary_emb.inv_freq))
-    torch_model.set_attn_implementation("dense_lambda")
-    try:
-        with torch.no_grad():
-            return torch_model(torch.tensor(ids)[None]).logits[0].numpy()
-    finally:
-        torch_model.set_attn_implementation("eager")
-
 
 SETTINGS = [  # (preset, n_global, n_local, ceiling); ceiling None = preset default
     ("lminfinite", 2, 8, None),
@@ -76,16 +27,6 @@ SETTINGS = [  # (preset, n_global, n_local, ceiling); ceiling None = preset defa
     ("lminfinite", 1, 7, 12),
     ("window", 0, 6, None),
 ]
-
-
-def make_session(model, preset, n_global, n_local, ceiling):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AttentionWarning)
-        if preset == "window":
-            return model.session("window", n_local=n_local)
-        if preset == "full":
-            return model.session("full")
-        return model.session(preset, n_global=n_global, n_local=n_local, ceiling=ceiling)
 
 
 @pytest.mark.parametrize("name", ["gqa", "llama3_headdim_odd"])
@@ -99,7 +40,7 @@ def test_matches_dense_reference(tiny_dir, name, preset, n_global, n_local, ceil
     session = make_session(model, preset, n_global, n_local, ceiling)
     ours = session.feed(ids, chunk_size=chunk_size)
     c = session.spec.ceiling
-    ref = reference_logits(torch_model, ids, session.spec.n_global, n_local, c)
+    ref = lambda_reference_logits(torch_model, ids, session.spec.n_global, n_local, c)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
@@ -107,19 +48,18 @@ def test_reference_differs_from_causal(tiny_dir):
     """The oracle is not trivially causal attention: past n_local the logits must change."""
     folder, torch_model = tiny_dir("gqa")
     ids = rng_ids(30, 300, seed=4)
-    lam = reference_logits(torch_model, ids, 2, 8, 8)
-    causal = reference_logits(torch_model, ids, 0, 10**9, None)
+    lam = lambda_reference_logits(torch_model, ids, 2, 8, 8)
+    causal = lambda_reference_logits(torch_model, ids, 0, 10**9, None)
     assert np.abs(lam[:8] - causal[:8]).max() < 1e-4
     assert np.abs(lam[8:] - causal[8:]).max() > 1e-2
 
 
 def test_equals_transformers_within_window(tiny_dir):
-    from test_forward import reference_logits as causal_reference
     folder, torch_model = tiny_dir("gqa")
     model = minillm.load(folder, backend=BACKEND)
     ids = rng_ids(64, 300, seed=5)
     ours = model.session(n_local=64).feed(ids, chunk_size=10)
-    np.testing.assert_allclose(ours, causal_reference(torch_model, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours, causal_reference_logits(torch_model, ids), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("preset", ["lminfinite", "window", "full"])

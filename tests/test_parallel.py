@@ -7,12 +7,10 @@ BLAS single-threaded meanwhile) runs everywhere.
 
 import numpy as np
 import pytest
+from helpers import BACKEND, lambda_reference_logits, make_session, rng_ids
 
 import minillm
 from minillm import parallel
-
-from conftest import BACKEND, rng_ids
-from test_lminfinite import make_session, reference_logits
 
 
 @pytest.fixture
@@ -72,7 +70,8 @@ def test_split_chunks_match_dense_reference(tiny_dir, two_workers, name, preset,
     ids = rng_ids(3 * n_local + 17, model.config.vocab_size, seed=11)
     session = make_session(model, preset, n_global, n_local, ceiling)
     ours = session.feed(ids, chunk_size=chunk_size)
-    ref = reference_logits(torch_model, ids, session.spec.n_global, n_local, session.spec.ceiling)
+    ref = lambda_reference_logits(torch_model, ids, session.spec.n_global, n_local,
+                                  session.spec.ceiling)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
@@ -86,7 +85,8 @@ def test_split_equals_one_thread(tiny_model, preset):
             parallel.set_workers(n)
             s = make_session(tiny_model, preset, 4, 64, None)
             logits = s.feed(ids[:150], chunk_size=100)
-            results.append((logits, s.nll(ids[150:], chunk_size=70), s.feed(ids[:5], logits="last")))
+            results.append((logits, s.nll(ids[150:], chunk_size=70),
+                            s.feed(ids[:5], logits="last")))
     finally:
         parallel.set_workers(before)
     for other in results[1:]:

@@ -1,16 +1,20 @@
-"""`minillm score` end to end on a tiny single-file model (issue 3, DESIGN.md §6 score contract).
+"""`minillm score` end to end on a tiny single-file model (issue 3; the score contract in
+docs/DESIGN.md, "Interfaces others rely on").
 
 The numbers are checked against the library (`tokenizer.encode`, `Session.nll`); the streaming,
-checkpoint/resume, signal and closed-pipe behaviour through the real process.
+checkpoint/resume, signal and closed-pipe behaviour through the real process; usage errors in
+this process (click's CliRunner).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import threading
@@ -20,19 +24,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import (
+    BACKEND,
+    STDLIB,
+    TIMEOUT,
+    assert_one_line_error,
+    assert_usage_error,
+    cli_env,
+    invoke_cli,
+    minillm_command,
+    run_cli,
+    stderr_lines,
+)
 
 import minillm
 from minillm.textstream import MAX_RUN, READ_BLOCK, read_pieces
 
-from conftest import BACKEND, REAL_MODEL, SHARED_DATA
-from test_cli_errors import (assert_one_line_error, assert_usage_error, cli_env, minillm_command,
-                             stderr_lines)
-
-TIMEOUT = 120
 JSON_KEYS = ("tokens", "mean_nll", "perplexity", "bits_per_byte", "seconds", "tokens_per_second")
-WORDS = ("the quick brown fox jumps over the lazy dog hello world, hello minillm "
-         "naïve café Ωμέγα 日本語 😀 👍🏽 x=1; 3.14159 1,234 2024-11-26 it's don't (a) «quoted» "
-         "AB12cd UPPER snake_case a.b — ... \\n").split(" ")
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "hello", "world,",
+         "hello", "minillm", "naïve", "café", "Ωμέγα", "日本語", "😀", "👍🏽", "x=1;", "3.14159",
+         "1,234", "2024-11-26", "it's", "don't", "(a)", "«quoted»", "AB12cd", "UPPER", "snake_case",
+         "a.b", "—", "...", "\\n"]
 SEPARATORS = [" "] * 8 + ["  ", "\n", " \n", "\t", "", "\r\n", "\n\n", "   "]
 
 
@@ -41,7 +53,10 @@ def mixed_text(n_bytes: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     parts, n = [], 0
     while n < n_bytes:
-        w = rng.choice(WORDS) if rng.random() < 0.85 else str(rng.randrange(10 ** rng.randrange(1, 9)))
+        if rng.random() < 0.85:
+            w = rng.choice(WORDS)
+        else:
+            w = str(rng.randrange(10 ** rng.randrange(1, 9)))
         part = w + rng.choice(SEPARATORS)
         parts.append(part)
         n += len(part.encode("utf-8"))
@@ -51,7 +66,8 @@ def mixed_text(n_bytes: int, seed: int = 0) -> str:
 def training_words_text(n_bytes: int, seed: int = 0) -> str:
     """Text of the tiny tokenizer's own words (~3 bytes a token): many tokens per second."""
     rng = random.Random(seed)
-    words = "the quick brown fox jumps over the lazy dog hello world, hello minillm".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "hello",
+             "world,", "hello", "minillm"]
     lines, n = [], 0
     while n < n_bytes:
         line = " ".join(rng.choice(words) for _ in range(12)) + ".\n"
@@ -67,8 +83,8 @@ def score_cmd(model, *args) -> list[str]:
 
 
 def score(model, *args, stdin: bytes | None = b""):
-    return subprocess.run(score_cmd(model, *args), input=stdin, capture_output=True,
-                          env=cli_env(), timeout=TIMEOUT)
+    """`minillm score MODEL ARGS` as a process."""
+    return run_cli("score", model, *args, stdin=stdin)
 
 
 def summary_of(result) -> dict:
@@ -89,12 +105,10 @@ def summary_of(result) -> dict:
 
 
 def warnings_of(result) -> list[str]:
-    return [l for l in stderr_lines(result) if "warning" in l]
+    return [line for line in stderr_lines(result) if "warning" in line]
 
 
 # --- fixtures -----------------------------------------------------------------------------------
-
-
 
 @pytest.fixture(scope="module")
 def model(tiny_file):
@@ -107,6 +121,12 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("score_text") / "mixed.txt"
     path.write_text(mixed_text(4000, seed=1), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def text_file_json(tiny_file, text_file):
+    """`minillm score TINY text_file --json`: one run that several tests read."""
+    return score(tiny_file, text_file, "--json")
 
 
 def reference_nll(model, ids, **session_kw) -> np.ndarray:
@@ -131,7 +151,7 @@ def test_missing_input_file(tiny_file, tmp_path):
 
 UNCLEAN = {
     "binary": bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)),
-    "invalid_utf8": "héllo wörld ".encode("utf-8") * 20 + b"\xff\xfe\xc3 and more \xe2\x82" * 5,
+    "invalid_utf8": "héllo wörld ".encode() * 20 + b"\xff\xfe\xc3 and more \xe2\x82" * 5,
     "nul_bytes": b"hello\x00world \x00\x00 the quick brown fox" * 10,
     "both": b"\x00\xff" * 50 + b" text after the garbage " * 10,
 }
@@ -156,7 +176,8 @@ def test_unclean_input_across_many_pieces_warns_once():
         warnings.simplefilter("always")
         pieces = list(read_pieces(io.BytesIO(data), block=1024))
     assert len(pieces) > 100
-    assert len(caught) == 1 and "UTF-8" in str(caught[0].message) and "NUL" in str(caught[0].message)
+    assert len(caught) == 1
+    assert "UTF-8" in str(caught[0].message) and "NUL" in str(caught[0].message)
     assert "".join(p.text for p in pieces) == data.decode("utf-8", errors="replace")
 
 
@@ -242,7 +263,7 @@ def test_n_local_beyond_the_training_length_warns(tiny_file, text_file):
     (["--attention", "window", "--n-global", "4"], "n_global"),
 ])
 def test_bad_settings_are_usage_errors(tiny_file, args, needle):
-    assert_usage_error(score(tiny_file, *args, stdin=b"hello world"), needle)
+    assert_usage_error(invoke_cli("score", tiny_file, *args, stdin=b"hello world"), needle)
 
 
 def test_window_preset_matches_the_library(tiny_file, text_file, model):
@@ -267,8 +288,8 @@ def test_full_preset_works_and_warns(tiny_file, text_file, model):
 
 # --- the numbers ---------------------------------------------------------------------------------
 
-def test_json_summary_matches_the_library(tiny_file, text_file, model):
-    result = score(tiny_file, text_file, "--json")
+def test_json_summary_matches_the_library(text_file_json, text_file, model):
+    result = text_file_json
     s = summary_of(result)
     assert result.stderr == b""
     text = text_file.read_bytes().decode("utf-8")
@@ -294,8 +315,8 @@ def test_json_is_the_last_line_and_the_text_summary_without_it(tiny_file, text_f
         json.loads(out.splitlines()[-1])
 
 
-def test_from_stdin_equals_from_a_file(tiny_file, text_file):
-    a = summary_of(score(tiny_file, text_file, "--json"))
+def test_from_stdin_equals_from_a_file(tiny_file, text_file, text_file_json):
+    a = summary_of(text_file_json)
     b = summary_of(score(tiny_file, "-", "--json", stdin=text_file.read_bytes()))
     c = summary_of(score(tiny_file, "--json", stdin=text_file.read_bytes()))
     for key in ("tokens", "mean_nll", "bits_per_byte"):
@@ -363,23 +384,24 @@ def test_streaming_tokenization_equals_whole_text(model, block):
     assert ids == model.tokenizer.encode(data.decode("utf-8"))
 
 
-def _real_tokenizer():
-    if not REAL_MODEL.exists():
-        pytest.skip("the SmolLM2 file is not built (make weights)")
+@pytest.fixture(scope="module")
+def real_tokenizer(real_model_path):
+    """SmolLM2's tokenizer as stored in its file (the weights are not needed)."""
     from minillm.formats.safetensors import SafetensorsFile
     from minillm.tokenizer import Tokenizer
-    meta = SafetensorsFile(REAL_MODEL).metadata
+    meta = SafetensorsFile(real_model_path).metadata
     return Tokenizer.from_tokenizer_json(meta["minillm.tokenizer_json"],
                                          json.loads(meta.get("minillm.tokenizer_config", "{}")))
 
 
-REAL_TEXTS = ["/usr/share/common-licenses/GPL-3", str(SHARED_DATA / "tinyshakespeare.txt"),
-              str(SHARED_DATA / "news-from-nowhere.txt"), "mixed"]
+REAL_TEXTS = ["/usr/share/common-licenses/GPL-3", str(STDLIB / "LICENSE.txt"),
+              str(STDLIB / "argparse.py"), "mixed"]
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("source", REAL_TEXTS, ids=lambda p: Path(p).name)
-def test_streaming_tokenization_with_the_real_tokenizer(source):
-    tok = _real_tokenizer()
+def test_streaming_tokenization_with_the_real_tokenizer(real_tokenizer, source):
+    tok = real_tokenizer
     if source == "mixed":
         data = mixed_text(1_000_000, seed=3).encode("utf-8")
     elif os.path.isfile(source):
@@ -442,10 +464,8 @@ def interrupt(tiny_file, input_file, checkpoint, nll_out, sig=signal.SIGINT, std
 
 
 def _write_and_close(pipe, data):
-    try:
+    with contextlib.suppress(BrokenPipeError, ValueError):  # stopped before reading it all
         pipe.write(data)
-    except (BrokenPipeError, ValueError):
-        pass  # the run was stopped before reading it all
     _close_quietly(pipe)
 
 
@@ -453,10 +473,9 @@ def _close_quietly(pipe):
     try:
         pipe.close()
     except (BrokenPipeError, ValueError):
-        try:
-            pipe.close()  # the failed flush left it open; the buffer is dropped now
-        except (BrokenPipeError, ValueError):
-            pass
+        # the failed flush left it open; the buffer is dropped now
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            pipe.close()
 
 
 def assert_interrupted(result, code: int):
@@ -473,13 +492,24 @@ def assert_same_numbers(a: dict, b: dict):
     assert a["bits_per_byte"] == pytest.approx(b["bits_per_byte"], abs=1e-6)
 
 
-def test_sigint_then_resume_a_file(tiny_file, long_file, uninterrupted, tmp_path):
+@pytest.fixture(scope="module")
+def sigint_run(tiny_file, long_file, tmp_path_factory):
+    """(result, checkpoint, nll-out) of one run on long_file stopped by SIGINT: resumed by
+    test_sigint_then_resume_a_file (from copies), refused by the tests of other settings."""
+    folder = tmp_path_factory.mktemp("score_ckpt")
+    ckpt, nll_out = folder / "run.ckpt", folder / "nll.tsv"
+    return interrupt(tiny_file, long_file, ckpt, nll_out), ckpt, nll_out
+
+
+def test_sigint_then_resume_a_file(tiny_file, long_file, uninterrupted, sigint_run, tmp_path):
     ref, ref_nll = uninterrupted
-    ckpt, nll_out = tmp_path / "run.ckpt", tmp_path / "nll.tsv"
-    result = interrupt(tiny_file, long_file, ckpt, nll_out)
+    result, ckpt_run, nll_run = sigint_run
     assert_interrupted(result, 130)
-    done = len(nll_out.read_text().splitlines())
+    done = len(nll_run.read_text().splitlines())
     assert 0 < done < ref["tokens"] - 1  # really stopped in the middle
+    ckpt, nll_out = tmp_path / "run.ckpt", tmp_path / "nll.tsv"
+    shutil.copy(ckpt_run, ckpt)  # resumed from copies: the run's own files stay as they are
+    shutil.copy(nll_run, nll_out)
     s = summary_of(score(tiny_file, long_file, *CKPT_ARGS, "--resume", ckpt,
                          "--nll-out", nll_out))
     assert_same_numbers(s, ref)
@@ -506,10 +536,9 @@ def test_sigterm_exits_143_with_a_checkpoint(tiny_file, long_file, uninterrupted
 
 
 @pytest.fixture(scope="module")
-def interrupted_checkpoint(tiny_file, long_file, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("score_ckpt")
-    ckpt = folder / "run.ckpt"
-    assert_interrupted(interrupt(tiny_file, long_file, ckpt, folder / "nll.tsv"), 130)
+def interrupted_checkpoint(sigint_run) -> Path:
+    result, ckpt, _ = sigint_run
+    assert_interrupted(result, 130)
     return ckpt
 
 

@@ -1,4 +1,5 @@
-"""Tokenizer tests: SmolLM2's GGUF tokenizer against independent oracles, and SentencePiece models."""
+"""Tokenizer tests: SmolLM2's GGUF tokenizer against independent oracles (marked real_model),
+and SentencePiece models."""
 
 import io
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 import gguf
 import pytest
 import sentencepiece
+from helpers import reusing_gguf_reader
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -50,41 +52,45 @@ def _assert_streams_like_decode(tokenizer, ids, skip_special=False):
     assert not any("\ufffd" in p for p in pieces)
 
 
-# --- SmolLM2 (byte-level BPE from GGUF) -------------------------------------------------------
+# --- SmolLM2 (byte-level BPE from GGUF): marked real_model -------------------------------------
 
 
 @pytest.fixture(scope="module")
-def smollm_reader(smollm2_gguf_path):
-    return gguf.GGUFReader(smollm2_gguf_path)
+def smollm_json(smollm2_gguf_reader) -> tuple[str, dict]:
+    """(tokenizer.json text, tokenizer config) minillm rebuilds from the GGUF's fields."""
+    return tokenizer_from_gguf(smollm2_gguf_reader)
 
 
 @pytest.fixture(scope="module")
-def smollm(smollm_reader):
-    json_text, config = tokenizer_from_gguf(smollm_reader)
+def smollm(smollm_json):
+    json_text, config = smollm_json
     return Tokenizer.from_tokenizer_json(json_text, config)
 
 
 @pytest.fixture(scope="module")
-def reference(smollm_reader):
+def reference(smollm2_gguf_reader):
     """An independent build: GGUF vocab and merges with SmolLM2's pre-tokenizer written out here."""
-    fields = smollm_reader.fields
+    fields = smollm2_gguf_reader.fields
     tokens = fields["tokenizer.ggml.tokens"].contents()
     merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"].contents()]
     ref = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
     ref.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     ref.decoder = decoders.ByteLevel()
     return ref
 
 
 @pytest.fixture(scope="module")
-def transformers_gguf(smollm2_gguf_path):
+def transformers_gguf(smollm2_gguf_path, smollm2_gguf_reader):
     transformers = pytest.importorskip("transformers")
     path = Path(smollm2_gguf_path)
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with reusing_gguf_reader(path, smollm2_gguf_reader):  # parsed once a session
+        return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
+@pytest.mark.real_model
 def test_smollm_config(smollm):
     assert (smollm.bos_id, smollm.eos_id, smollm.add_bos) == (1, 2, False)
     assert smollm.vocab_size == 49152
@@ -93,6 +99,7 @@ def test_smollm_config(smollm):
     assert smollm.token_to_id("no such token") is None
 
 
+@pytest.mark.real_model
 @pytest.mark.skipif(not GPL3.is_file(), reason="Debian's GPL-3 text is not installed")
 def test_gpl3_golden_token_count(smollm):
     text = GPL3.read_text("utf-8")
@@ -101,12 +108,14 @@ def test_gpl3_golden_token_count(smollm):
     assert smollm.decode(ids) == text
 
 
+@pytest.mark.real_model
 def test_digits_split_one_by_one(smollm):
     assert len(smollm.encode("12345")) == 5
     pieces = [smollm.decode([i]) for i in smollm.encode("\n\n  0. and 2024")]
     assert "0" in pieces and pieces[-4:] == ["2", "0", "2", "4"]
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("text", TEXTS)
 def test_matches_independent_reference(smollm, reference, text):
     ids = smollm.encode(text)
@@ -114,11 +123,13 @@ def test_matches_independent_reference(smollm, reference, text):
     assert smollm.decode(ids) == text
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("text", [t for t in TEXTS if not _has_digit(t) and "<|" not in t])
 def test_matches_transformers_gguf_without_digits(smollm, transformers_gguf, text):
     assert smollm.encode(text) == transformers_gguf.encode(text, add_special_tokens=False)
 
 
+@pytest.mark.real_model
 def test_special_tokens_parsed_only_on_request(smollm):
     text = "<|im_start|>user\nhi<|im_end|>"
     parsed = smollm.encode(text, special=True)
@@ -129,11 +140,13 @@ def test_special_tokens_parsed_only_on_request(smollm):
     assert smollm.decode(parsed, skip_special=True) == "user\nhi"
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("text", TEXTS)
 def test_smollm_stream_decoder(smollm, text):
     _assert_streams_like_decode(smollm, smollm.encode(text))
 
 
+@pytest.mark.real_model
 def test_smollm_stream_decoder_skips_special(smollm):
     ids = smollm.encode("<|im_start|>assistant\nfine 👍🏽<|im_end|>", special=True)
     _assert_streams_like_decode(smollm, ids, skip_special=True)
@@ -158,7 +171,8 @@ SP_TEXTS = [
 @pytest.fixture(scope="module")
 def sp_model_bytes() -> bytes:
     rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog café naïve résumé über straße hello 12 345".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "café", "naïve",
+             "résumé", "über", "straße", "hello", "12", "345"]
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(2000)]
     model = io.BytesIO()
     # Llama's settings: BPE, byte fallback, no normalization, digits apart, whitespace kept.
@@ -262,8 +276,9 @@ def test_stream_decoder_releases_invalid_bytes(sp_tokenizer):
 # --- folders and bad input --------------------------------------------------------------------
 
 
-def test_folder_prefers_tokenizer_json(tmp_path, sp_model_bytes, smollm_reader):
-    json_text, config = tokenizer_from_gguf(smollm_reader)
+@pytest.mark.real_model
+def test_folder_prefers_tokenizer_json(tmp_path, sp_model_bytes, smollm_json):
+    json_text, config = smollm_json
     (tmp_path / "tokenizer.model").write_bytes(sp_model_bytes)
     (tmp_path / "tokenizer.json").write_text(json_text, "utf-8")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
@@ -346,7 +361,8 @@ def test_gguf_unknown_tokenizer_model_refused():
     [("llama-bpe", [2, 5, 3, 4]), ("gpt2", [2, 6, 4]), ("smollm", [2, 5, 3, 4])],
 )
 def test_gguf_pre_tokenizers(pre, expected):
-    """Llama 3 keeps a space apart from the digits after it; GPT-2 merges them; smollm splits digits."""
+    """Llama 3 keeps a space apart from the digits after it; GPT-2 merges them; smollm splits
+    digits."""
     tokens = ["a", "b", "ab", "1", "2", "Ġ", "Ġ1"]
     reader = _FakeReader(model="gpt2", pre=pre, tokens=tokens, merges=["a b", "Ġ 1"])
     tokenizer = Tokenizer.from_tokenizer_json(*tokenizer_from_gguf(reader))
