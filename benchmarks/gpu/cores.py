@@ -1,28 +1,11 @@
 """Many-core check: prompt/score tok/s by worker count on the device's CPU (numpy backend)."""
-import json
-import shutil
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from random_smol import FOLDER, save_random_model
 
 import minillm
 from minillm import parallel
-
-HERE = Path(__file__).resolve().parent  # smol_config.json and smol/ (the SmolLM2 tokenizer)
-FOLDER = "/tmp/smol"
-
-
-def save_random_model(folder: str) -> dict:
-    """A SmolLM2-shaped Hugging Face folder with random weights; returns its config."""
-    cfg = json.loads((HERE / "smol_config.json").read_text())
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**cfg)).eval().save_pretrained(folder)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(HERE / "smol" / f, folder)
-    return cfg
 
 
 def rate(fn, n: int) -> float:
