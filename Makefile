@@ -1,12 +1,13 @@
 # minillm: `make demo` sets up and runs the main job on the real model; `make test` runs the tests.
-# Also: `make test-fast` (no real weights needed), `make lint`, `make compare` (benchmarks).
+# Also: `make test-fast` (no real weights needed), `make fuzz` (the file readers under a fuzz
+# campaign), `make lint`, `make compare` (benchmarks).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 MODEL  := weights/smollm2-135m-instruct.safetensors
 STDLIB  = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 
-.PHONY: demo test test-fast lint weights install clean bench-env compare
+.PHONY: demo test test-fast fuzz lint weights install clean bench-env compare
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,12 @@ test: $(VENV)/.test-installed $(MODEL)
 # everything but the tests that need the real SmolLM2 weights or its GGUF
 test-fast: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q -m "not real_model"
+
+# the readers under a long fuzz campaign (minutes): FUZZ_EXAMPLES inputs per reader, 2 processes;
+# `make test` replays the crashes it keeps (tests/fuzz_corpus) and runs a few examples
+FUZZ_EXAMPLES ?= 25000
+fuzz: $(VENV)/.test-installed
+	PYTHONPATH=tests $(BIN)/python -m fuzz --examples $(FUZZ_EXAMPLES) --real-gguf 50
 
 lint: $(VENV)/.lint-installed
 	$(BIN)/ruff check .

@@ -12,12 +12,15 @@ import click
 from minillm.attention import PRESETS
 
 from .common import (
+    PromptProgress,
     backend_options,
     load_model,
     model_argument,
+    progress_option,
     reports_errors,
     sampling_options,
     sampling_params,
+    write_stdout,
 )
 
 COMMANDS = {
@@ -41,9 +44,11 @@ ESCAPE = "start a message with // to send a line that begins with /"
               help="After each answer print tokens in the conversation, cache fill and "
                    "prompt/generation tokens/s to stderr.")
 @sampling_options
+@progress_option
 @backend_options
 @reports_errors
-def chat(model, system, attention, n_global, n_local, verbose, backend, threads, **kw):
+def chat(model, system, attention, n_global, n_local, verbose, progress, backend, threads,
+         **kw):
     """Chat with MODEL using its chat template; the conversation never overflows.
 
     \b
@@ -55,7 +60,7 @@ def chat(model, system, attention, n_global, n_local, verbose, backend, threads,
     to stdout, then the command exits (empty input: no output, exit 0).
     """
     params = sampling_params(kw)
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin is not None and sys.stdin.isatty()
     message = None
     if not interactive:
         message = read_stdin()
@@ -68,13 +73,14 @@ def chat(model, system, attention, n_global, n_local, verbose, backend, threads,
     except ValueError as err:  # settings the session refuses, e.g. n_global > n_local
         raise click.UsageError(str(err)) from None
     if not interactive:
-        stream_answer(conversation, message, verbose, interactive=False)
+        stream_answer(conversation, message, verbose, progress, interactive=False)
         return
-    repl(conversation, verbose)
+    repl(conversation, verbose, progress)
 
 
 def read_stdin() -> str:
-    data = sys.stdin.buffer.read()
+    """The whole of stdin as one message ("" when stdin is closed)."""
+    data = sys.stdin.buffer.read() if sys.stdin is not None else b""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -83,22 +89,21 @@ def read_stdin() -> str:
     return text.strip()
 
 
-def stream_answer(conversation, message: str, verbose: bool, interactive: bool = True) -> None:
+def stream_answer(conversation, message: str, verbose: bool, progress: bool | None = None,
+                  interactive: bool = True) -> None:
     """Print the answer as it streams; in a terminal Ctrl-C stops it (the partial answer stays
     in the conversation), in a pipe it ends the program (exit 130)."""
-    pieces = conversation.send(message)
+    pieces = conversation.send(message, progress=PromptProgress(progress))
     try:
         for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+            write_stdout(piece)
     except KeyboardInterrupt:
         if not interactive:
             raise
-        sys.stdout.write(" [interrupted]")
+        write_stdout(" [interrupted]")
     finally:
         pieces.close()  # records the turn even if the interrupt landed outside the generator
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    write_stdout("\n")
     if verbose:
         click.echo(format_stats(conversation.stats), err=True)
 
@@ -139,7 +144,7 @@ def read_line(prompt: str, readline) -> str | None:
         signal.signal(signal.SIGINT, previous)
 
 
-def repl(conversation, verbose: bool) -> None:
+def repl(conversation, verbose: bool, progress: bool | None = None) -> None:
     try:
         import readline
     except ImportError:  # not on every platform; input() still works without line editing
@@ -166,4 +171,5 @@ def repl(conversation, verbose: bool) -> None:
             else:
                 click.echo(f"unknown command {command}: type /help for the commands", err=True)
             continue
-        stream_answer(conversation, line[1:] if line.startswith("//") else line, verbose)
+        stream_answer(conversation, line[1:] if line.startswith("//") else line, verbose,
+                      progress)

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
 import signal
 import sys
+import time
 import warnings
 
 import click
 
 import minillm
-from minillm.errors import MiniLLMError
+from minillm.errors import MiniLLMError, WriteError
+from minillm.parallel import usable_cores
 from minillm.sampling import SamplingParams
 
-EXIT_SIGINT = 130
+from . import EXIT_SIGINT
+
+EXIT_SIGTERM = 143
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -59,18 +65,37 @@ def backend_options(fn):
 
 
 def load_model(path: str, backend: str, threads: int | None):
-    if threads:
-        set_threads(threads)
+    set_threads(threads)
     return minillm.load(path, backend=backend)
 
 
-def set_threads(n: int) -> None:
+def set_threads(requested: int | None) -> None:
+    """BLAS threads: as requested, but never more than the cores this process may use (more
+    threads than cores spin against each other: 50x slower at 8 threads on 2 cores)."""
+    cores = usable_cores()
+    if requested is not None and requested > cores:
+        warnings.warn(f"--threads {requested} lowered to {cores}, the cores this process may "
+                      "use", stacklevel=2)
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_info, threadpool_limits
     except ImportError:
-        os.environ["OMP_NUM_THREADS"] = str(n)  # only reaches BLAS pools not yet started
+        if requested:  # only reaches BLAS pools not yet started
+            os.environ["OMP_NUM_THREADS"] = str(min(requested, cores))
         return
-    threadpool_limits(n)
+    have = max((lib["num_threads"] for lib in threadpool_info()), default=cores)
+    n = min(requested or have, cores)
+    if n != have:
+        threadpool_limits(n)
+
+
+class FiniteFloat(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (which every comparison lets through)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return value
 
 
 def sampling_options(fn):
@@ -79,20 +104,20 @@ def sampling_options(fn):
     opts = [
         click.option("--max-tokens", type=click.IntRange(min=0), default=d.max_tokens,
                      show_default=True, help="Most new tokens per answer."),
-        click.option("--seed", type=int, default=None,
+        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
                      help="Random seed (same seed, same answer)."),
         click.option("--repeat-last-n", type=click.IntRange(min=0), default=d.repeat_last_n,
                      show_default=True, help="How many recent tokens the repeat penalty sees."),
-        click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True),
+        click.option("--repeat-penalty", type=FiniteFloat(min=0, min_open=True),
                      default=d.repeat_penalty, show_default=True,
                      help="Penalty for recently seen tokens (1.0 = off)."),
-        click.option("--min-p", type=click.FloatRange(0, 1), default=d.min_p, show_default=True,
+        click.option("--min-p", type=FiniteFloat(0, 1), default=d.min_p, show_default=True,
                      help="Drop tokens below min-p x the top probability (0 = off)."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=d.top_p,
+        click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=d.top_p,
                      show_default=True, help="Nucleus sampling mass (1.0 = off)."),
         click.option("--top-k", type=click.IntRange(min=0), default=d.top_k, show_default=True,
                      help="Sample among the k most likely tokens (0 = off)."),
-        click.option("--temperature", type=click.FloatRange(min=0), default=d.temperature,
+        click.option("--temperature", type=FiniteFloat(min=0), default=d.temperature,
                      show_default=True, help="Sampling temperature; 0 = greedy (argmax)."),
     ]
     for opt in opts:
@@ -103,4 +128,59 @@ def sampling_options(fn):
 def sampling_params(kw: dict) -> SamplingParams:
     keys = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
             "seed", "max_tokens")
-    return SamplingParams(**{k: kw.pop(k) for k in keys})
+    try:
+        return SamplingParams(**{k: kw.pop(k) for k in keys})
+    except ValueError as e:  # a combination the options alone cannot check
+        raise click.UsageError(str(e)) from None
+
+
+PROGRESS_EVERY_S = 0.5
+
+
+def progress_option(fn):
+    return click.option("--progress/--no-progress", default=None,
+                        help="Progress on stderr while a long input is read "
+                             "[default: when stderr is a terminal].")(fn)
+
+
+class PromptProgress:
+    """'prompt 12,288/262,144 tokens  351 tok/s' on stderr, every PROGRESS_EVERY_S while one
+    prompt is read (made anew for each prompt): a long prefill shows a sign of life, a short
+    one shows nothing. The last line ends with a newline, before the answer starts."""
+
+    def __init__(self, enabled: bool | None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.start = self.last = time.monotonic()
+        self.shown = False
+
+    def __call__(self, fed: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < PROGRESS_EVERY_S if fed < total
+                                else not self.shown):
+            return
+        self.last, self.shown = now, True
+        end = "\n" if fed == total else ""
+        sys.stderr.write(f"\rprompt {fed:,}/{total:,} tokens  "
+                         f"{fed / (now - self.start):,.0f} tok/s{end}")
+        sys.stderr.flush()
+
+
+def write_stdout(text: str) -> None:
+    """Results to stdout, flushed; a write error (a full disk, /dev/full) becomes one WriteError
+    line, and stdout is pointed at /dev/null so that the exit's own flush stays quiet."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as e:
+        with contextlib.suppress(OSError, ValueError):  # not a real file (a test runner's)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        raise WriteError(f"cannot write to stdout ({e.strerror or e})") from None
+
+
+def on_sigterm_exit() -> None:
+    """SIGTERM unwinds like Ctrl-C (exit 143), so that `finally` blocks remove temporaries."""
+    def handler(signum, frame):
+        sys.exit(EXIT_SIGTERM)
+    signal.signal(signal.SIGTERM, handler)

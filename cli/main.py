@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import click
@@ -13,13 +12,17 @@ from minillm.generate import generate_text
 
 from .chat import chat as _chat
 from .common import (
+    PromptProgress,
     backend_options,
     load_model,
     model_argument,
+    on_sigterm_exit,
+    progress_option,
     reports_errors,
     sampling_options,
     sampling_params,
     setup_process,
+    write_stdout,
 )
 from .score import score
 
@@ -39,9 +42,10 @@ def cli():
 @click.option("-p", "--prompt", required=True, help="The text to continue (special tokens such as "
               "<|im_start|> are parsed).")
 @sampling_options
+@progress_option
 @backend_options
 @reports_errors
-def generate(model, prompt, backend, threads, **kw):
+def generate(model, prompt, progress, backend, threads, **kw):
     """Stream a raw completion of PROMPT to stdout."""
     if not prompt:
         raise click.BadParameter("the prompt is empty", param_hint="'-p' / '--prompt'")
@@ -49,10 +53,9 @@ def generate(model, prompt, backend, threads, **kw):
     m = load_model(model, backend, threads)
     ids = m.tokenizer.encode(prompt, special=True)
     session = m.session()
-    for piece in generate_text(m, session, ids, params):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    for piece in generate_text(m, session, ids, params, progress=PromptProgress(progress)):
+        write_stdout(piece)
+    write_stdout("\n")
 
 
 @cli.command()
@@ -67,10 +70,9 @@ def info(model, as_json, backend, threads):
     m = load_model(model, backend, threads)
     report = model_info(m)
     if as_json:
-        click.echo(json.dumps(report))
+        write_stdout(json.dumps(report) + "\n")
         return
-    for key, value in report.items():
-        click.echo(f"{key:>28}: {value}")
+    write_stdout("".join(f"{key:>28}: {value}\n" for key, value in report.items()))
 
 
 @cli.command()
@@ -80,9 +82,12 @@ def info(model, as_json, backend, threads):
               show_default=True, help="Stored dtype (float32 is memory-mapped without a copy).")
 @reports_errors
 def convert(src, out, dtype):
-    """Convert a GGUF file or a Hugging Face folder SRC into one self-contained OUT.safetensors."""
+    """Convert SRC (a GGUF file, a Hugging Face folder, or a minillm file to store in another
+    --dtype) into one self-contained OUT.safetensors. OUT is written whole or not at all, and
+    is refused when it is SRC or one of its files."""
     from minillm.convert import convert as run_convert
 
+    on_sigterm_exit()  # a killed conversion leaves no temporary file behind
     start = time.perf_counter()
     click.echo(f"converting {src} -> {out} ({dtype})", err=True)
     run_convert(src, out, dtype=dtype)
@@ -108,10 +113,10 @@ def bench(model, as_json, repeats, backend, threads):
     m = load_model(model, backend, threads)
     result = run_bench(m, repeats, progress=lambda msg: click.echo(f"bench: {msg}", err=True))
     if as_json:
-        click.echo(json.dumps(result))
+        write_stdout(json.dumps(result) + "\n")
         return
-    for key, value in result.items():
-        click.echo(f"{key:>16}: {value:.1f}" if isinstance(value, float) else f"{key:>16}: {value}")
+    write_stdout("".join(f"{key:>16}: {value:.1f}\n" if isinstance(value, float)
+                         else f"{key:>16}: {value}\n" for key, value in result.items()))
 
 
 def main():

@@ -21,7 +21,7 @@ import numpy as np
 from . import parallel
 from .backend import Array
 from .cache import KVCache, WritePlan
-from .config import Config
+from .config import Config, is_int
 from .workspace import SCORE_BUDGET_BYTES, Workspace
 
 NEG_INF = np.float32(-np.inf)
@@ -45,11 +45,24 @@ class AttentionSpec:
 
 def attention_spec(cfg: Config, attention: str = "lminfinite", n_global: int | None = None,
                    n_local: int | None = None, ceiling: int | None = None) -> AttentionSpec:
-    """Resolve a preset and its overrides into an AttentionSpec (ValueError on bad values)."""
+    """Resolve a preset and its overrides into an AttentionSpec (TypeError on a value of the
+    wrong type, ValueError on one out of range)."""
+    if not isinstance(attention, str):
+        raise TypeError(f"attention must be a preset name, one of {', '.join(PRESETS)} "
+                        f"(got {type(attention).__name__} {attention!r})")
+    for name, value in (("n_global", n_global), ("n_local", n_local), ("ceiling", ceiling)):
+        if value is not None and not is_int(value):  # never truncate 16.7 or parse "16"
+            raise TypeError(f"{name} must be an int or None (got {type(value).__name__} "
+                            f"{value!r})")
     if attention not in PRESETS:
         raise ValueError(f"unknown attention preset {attention!r} "
                          f"(choose from {', '.join(PRESETS)})")
     if attention == "full":
+        given = [k for k, v in (("n_global", n_global or None), ("n_local", n_local),
+                                ("ceiling", ceiling)) if v is not None]
+        if given:  # silently ignoring them would run another model than the one asked for
+            raise ValueError(f"the full preset keeps every key: {', '.join(given)} cannot be "
+                             "set with it")
         return AttentionSpec("full", 0, None, None)
     n_local = cfg.max_position_embeddings if n_local is None else int(n_local)
     if n_local < 1:

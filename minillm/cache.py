@@ -16,15 +16,84 @@ preset: the arrays grow (doubling).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import parallel
 from .backend import Array, to_device, to_host
 from .config import Config
+from .errors import MiniLLMError
+from .workspace import NLL_ROWS, SCORE_BUDGET_BYTES, TYPICAL_CHUNK
 
 EMPTY = np.iinfo(np.int64).max  # position of an unused slot: in the future of every query
 FULL_INITIAL_SLOTS = 1024
+
+
+def cache_shapes(cfg: Config, n_global: int, n_local: int | None) -> dict[str, tuple[int, ...]]:
+    """The float32 arrays of a KVCache (n_local=None: the unbounded cache's first size)."""
+    n_slots = n_global + n_local if n_local is not None else FULL_INITIAL_SLOTS
+    layers, kv_heads, d = cfg.num_hidden_layers, cfg.n_kv_heads, cfg.head_dim
+    return {"k": (layers, kv_heads, d, n_slots),            # rotated, K^T
+            "v": (layers, kv_heads, n_slots, d),
+            "k_raw": (layers, kv_heads, n_global, d)}       # un-rotated global keys
+
+
+def cache_bytes(cfg: Config, n_global: int, n_local: int | None) -> int:
+    """Bytes a KVCache allocates: its float32 arrays and the slots' int64 positions."""
+    shapes = cache_shapes(cfg, n_global, n_local)
+    return 4 * sum(math.prod(s) for s in shapes.values()) + 8 * shapes["k"][-1]
+
+
+def workspace_bytes(cfg: Config, n_global: int, xp=np) -> int:
+    """About what a session's Workspace grows to for chunks of up to TYPICAL_CHUNK tokens: the
+    score buffers, the logits rows of scoring, one chunk's activations (model.Chunk and the
+    attention output) and its keys and values of every layer, staged until they are committed."""
+    d, h, kv, f = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size
+    staged = 2 * cfg.num_hidden_layers * kv * d  # floats per token
+    per_token = 4 * cfg.hidden_size + (3 * h + 2 * kv) * d + 3 * f + staged
+    staged_globals = cfg.num_hidden_layers * kv * n_global * d  # un-rotated, at most n_global
+    scores = (parallel.workers() if xp is np else 1) * SCORE_BUDGET_BYTES
+    return scores + 4 * (NLL_ROWS * cfg.vocab_size + TYPICAL_CHUNK * per_token + staged_globals)
+
+
+def session_bytes(cfg: Config, n_global: int, n_local: int | None, xp=np) -> int:
+    """The memory a new session takes: its cache and its workspace (`minillm info` reports it
+    too). The unbounded `full` preset grows past this."""
+    return cache_bytes(cfg, n_global, n_local) + workspace_bytes(cfg, n_global, xp)
+
+
+def available_bytes(xp=np) -> int | None:
+    """Memory a new session may still take: the GPU's free memory with CuPy (plus what CuPy's
+    pool holds unused), else the host's MemAvailable (Linux); None where it is not known."""
+    if xp is not np:
+        free, _ = xp.cuda.runtime.memGetInfo()
+        return int(free) + int(xp.get_default_memory_pool().free_bytes())
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(need: int, xp=np) -> None:
+    """Refuse, before allocating, a session larger than the memory available."""
+    have = available_bytes(xp)
+    if have is not None and need > have:
+        raise out_of_memory(need, have, xp)
+
+
+def out_of_memory(need: int, have: int | None, xp=np) -> MiniLLMError:
+    where = "GPU memory" if xp is not np else "memory"
+    short = (f"only {have / 1e9:,.2f} GB is available" if have is not None
+             else "it could not be allocated")
+    return MiniLLMError(f"the session needs {need / 1e9:,.2f} GB of {where} for its cache and "
+                        f"workspace, but {short}; choose a smaller n_local (or a bounded "
+                        f"attention preset)")
 
 
 @dataclass(frozen=True)
@@ -38,6 +107,16 @@ class WritePlan:
     global_rows: slice | Array  # rows/slots below n_global, also stored un-rotated
     global_slots: slice | Array
     n_global_rows: int
+
+
+@dataclass(frozen=True)
+class StagedChunk:
+    """A chunk's keys and values of every layer, held outside the cache until `commit`, so
+    that a chunk abandoned halfway (an exception, Ctrl-C) leaves the cache as it was.
+    Workspace buffers, reused by every chunk."""
+    k: Array             # [layers, kv_heads, C, head_dim] rotated
+    v: Array             # [layers, kv_heads, C, head_dim]
+    k_raw: Array | None  # [layers, kv_heads, global rows, head_dim] un-rotated; None: no such rows
 
 
 def _index(idx: np.ndarray, xp):
@@ -55,12 +134,11 @@ class KVCache:
 
     def __init__(self, cfg: Config, n_global: int, n_local: int | None, xp):
         self.n_global, self.n_local, self.xp = n_global, n_local, xp
-        n_slots = n_global + n_local if n_local is not None else FULL_INITIAL_SLOTS
-        layers, kv_heads, d = cfg.num_hidden_layers, cfg.n_kv_heads, cfg.head_dim
-        self.k = xp.zeros((layers, kv_heads, d, n_slots), dtype=xp.float32)   # rotated, K^T
-        self.v = xp.zeros((layers, kv_heads, n_slots, d), dtype=xp.float32)
-        self.k_raw = xp.zeros((layers, kv_heads, n_global, d), dtype=xp.float32)  # un-rotated
-        self.pos = np.full(n_slots, EMPTY, dtype=np.int64)
+        shapes = cache_shapes(cfg, n_global, n_local)  # also what session_bytes counts
+        self.k = xp.zeros(shapes["k"], dtype=xp.float32)
+        self.v = xp.zeros(shapes["v"], dtype=xp.float32)
+        self.k_raw = xp.zeros(shapes["k_raw"], dtype=xp.float32)
+        self.pos = np.full(shapes["k"][-1], EMPTY, dtype=np.int64)
         self.length = 0  # positions written so far
 
     @property
@@ -92,9 +170,14 @@ class KVCache:
             return
         size = max(end, 2 * self.n_slots)
         xp, old = self.xp, self.n_slots
-        k = xp.zeros(self.k.shape[:3] + (size,), dtype=self.k.dtype)
+        need = (self.k.nbytes + self.v.nbytes) // old * size
+        check_memory(need, xp)  # the `full` preset outgrowing memory: one line, not a crash
+        try:
+            k = xp.zeros(self.k.shape[:3] + (size,), dtype=self.k.dtype)
+            v = xp.zeros(self.v.shape[:2] + (size,) + self.v.shape[3:], dtype=self.v.dtype)
+        except MemoryError:
+            raise out_of_memory(need, available_bytes(xp), xp) from None
         k[..., :old] = self.k
-        v = xp.zeros(self.v.shape[:2] + (size,) + self.v.shape[3:], dtype=self.v.dtype)
         v[:, :, :old] = self.v
         self.k, self.v = k, v
         self.pos = np.concatenate([self.pos, np.full(size - old, EMPTY, dtype=np.int64)])
@@ -112,17 +195,17 @@ class KVCache:
         return WritePlan(positions[rows], slots[rows], _index(rows, xp), _index(slots[rows], xp),
                          _index(rows[glob], xp), _index(slots[rows][glob], xp), int(glob.sum()))
 
-    def write(self, layer: int, plan: WritePlan, k_rot: Array, k_raw: Array, v: Array) -> None:
-        """Store one layer's chunk keys/values ([kv_heads, C, head_dim]) in their slots."""
-        self.k[layer][:, :, plan.slots] = k_rot[:, plan.rows].transpose(0, 2, 1)
-        self.v[layer][:, plan.slots] = v[:, plan.rows]
+    def commit(self, plan: WritePlan, staged: StagedChunk) -> None:
+        """Store a chunk's keys and values of every layer in their slots and record their
+        positions: the one step of a chunk that changes the cache (a few copies)."""
+        end = int(plan.positions.max()) + 1
+        self.reserve(end)  # the unbounded cache grows only here, so an abandoned chunk leaves it
+        self.k[..., plan.slots] = staged.k[:, :, plan.rows].transpose(0, 1, 3, 2)
+        self.v[:, :, plan.slots] = staged.v[:, :, plan.rows]
         if plan.n_global_rows:
-            self.k_raw[layer][:, plan.global_slots] = k_raw[:, plan.global_rows]
-
-    def commit(self, plan: WritePlan) -> None:
-        """After all layers have written: the slots now hold these positions."""
+            self.k_raw[:, :, plan.global_slots] = staged.k_raw
         self.pos[plan.host_slots] = plan.positions
-        self.length = int(plan.positions.max()) + 1
+        self.length = end
 
     def reset(self) -> None:
         self.pos[:] = EMPTY

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Iterator
 from datetime import datetime
 
-from .errors import MiniLLMError
+from .errors import MiniLLMError, one_line
 from .generate import generate_ids
 from .sampling import SamplingParams
 
@@ -64,7 +64,8 @@ class ChatTemplate:
         try:
             self._template = compile_template(source)
         except jinja2.exceptions.TemplateError as err:
-            raise MiniLLMError(f"the model's chat template is not valid Jinja: {err}") from None
+            raise MiniLLMError(f"the model's chat template is not valid Jinja: "
+                               f"{one_line(err)}") from None
         self._tokens = {}
         for name, token_id in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id)):
             if token_id is not None:
@@ -79,7 +80,10 @@ class ChatTemplate:
                                          add_generation_prompt=add_generation_prompt,
                                          **self._tokens)
         except jinja2.exceptions.TemplateError as err:  # including the template's raise_exception
-            raise MiniLLMError(f"the chat template refused the conversation: {err}") from None
+            raise MiniLLMError(f"the chat template refused the conversation: "
+                               f"{one_line(err)}") from None
+        except Exception as err:  # the template's own code failed: 1/0, endless recursion, ...
+            raise MiniLLMError(f"the chat template failed: {one_line(err)}") from None
 
 
 def end_of_turn_ids(template: ChatTemplate, tokenizer) -> frozenset[int]:
@@ -202,13 +206,16 @@ class Chat:
             self._active = None
 
     # -- one turn --------------------------------------------------------------------------
-    def send(self, text: str) -> Iterator[str]:
-        """Stream the answer to `text` as text pieces; the turn is recorded even if cut short."""
+    def send(self, text: str, progress=None) -> Iterator[str]:
+        """Stream the answer to `text` as text pieces; the turn is recorded even if cut short.
+        progress(fed, total): called as the prompt is read (Session.feed)."""
+        if not isinstance(text, str):  # a number or bytes would be rendered as some other text
+            raise TypeError(f"a message is a str (got {type(text).__name__})")
         self._close_active()
-        self._active = self._turn(text)
+        self._active = self._turn(text, progress)
         return self._active
 
-    def _turn(self, text: str) -> Iterator[str]:
+    def _turn(self, text: str, progress=None) -> Iterator[str]:
         messages = self.conversation() + [{"role": "user", "content": text}]
         rendered = self.render(messages)
         if self._stale or not rendered.startswith(self._fed_text):
@@ -222,7 +229,7 @@ class Chat:
         start = first = last = time.perf_counter()
         try:
             for token in generate_ids(tracked, prompt_ids, self.params, self.stop_ids, self._rng,
-                                      history=self._recent):
+                                      history=self._recent, progress=progress):
                 last = time.perf_counter()
                 first = first if n_sampled else last
                 n_sampled += 1

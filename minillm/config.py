@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .errors import ModelFileError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+# the config's integer keys (absent or null: not given); each must be a positive int
+INT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim")
+# the numbers each rope scaling type reads (minillm.rope), all finite and > 0
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                "original_max_position_embeddings")}
 
 
 @dataclass(frozen=True)
@@ -50,13 +60,16 @@ class Config:
             raise ModelFileError(f"{source}: the model config is not a JSON object")
         archs = d.get("architectures") or ["LlamaForCausalLM"]
         model_type = d.get("model_type", "llama")
+        if not isinstance(archs, list) or not isinstance(model_type, str):
+            raise ModelFileError(f"{source}: architectures must be a list and model_type a "
+                                 f"string in the model config")
         if model_type != "llama" or not any(a in SUPPORTED_ARCHITECTURES for a in archs):
             raise ModelFileError(
                 f"{source}: unsupported architecture {archs[0] if archs else model_type!r} "
                 f"(model_type {model_type!r}); minillm runs Llama models only")
         required = ("hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "vocab_size")
-        missing = [k for k in required if k not in d]
+        missing = [k for k in required if d.get(k) is None]
         if missing:
             raise ModelFileError(f"{source}: the model config lacks {', '.join(missing)}")
         act = d.get("hidden_act", "silu")
@@ -66,27 +79,27 @@ class Config:
             raise ModelFileError(f"{source}: attention/MLP biases are not supported")
 
         rope_theta, rope_scaling = _read_rope(d, source)
-        eos = d.get("eos_token_id")
-        eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        try:
-            cfg = cls(
-                hidden_size=int(d["hidden_size"]),
-                intermediate_size=int(d["intermediate_size"]),
-                num_hidden_layers=int(d["num_hidden_layers"]),
-                num_attention_heads=int(d["num_attention_heads"]),
-                num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
-                vocab_size=int(d["vocab_size"]),
-                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=rope_theta,
-                rope_scaling=rope_scaling,
-                head_dim_=int(d["head_dim"]) if d.get("head_dim") else None,
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                bos_token_id=d.get("bos_token_id"),
-                eos_token_id=tuple(int(e) for e in eos),
-            )
-        except (TypeError, ValueError) as e:
-            raise ModelFileError(f"{source}: bad value in the model config ({e})") from None
+        ints = {key: _positive_int(d, key, source) for key in INT_KEYS}
+        vocab = ints["vocab_size"]
+        bos, eos = d.get("bos_token_id"), d.get("eos_token_id")
+        eos = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        cfg = cls(
+            hidden_size=ints["hidden_size"],
+            intermediate_size=ints["intermediate_size"],
+            num_hidden_layers=ints["num_hidden_layers"],
+            num_attention_heads=ints["num_attention_heads"],
+            num_key_value_heads=ints["num_key_value_heads"] or ints["num_attention_heads"],
+            vocab_size=vocab,
+            max_position_embeddings=ints["max_position_embeddings"] or 2048,
+            rms_norm_eps=_positive_number(_given(d, "rms_norm_eps", 1e-6), "rms_norm_eps",
+                                          source),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            head_dim_=ints["head_dim"],
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=None if bos is None else _token_id(bos, "bos_token_id", vocab, source),
+            eos_token_id=tuple(_token_id(e, "eos_token_id", vocab, source) for e in eos),
+        )
         cfg._validate(source)
         return cfg
 
@@ -118,6 +131,55 @@ class Config:
         return json.dumps(self.to_dict())
 
 
+def is_int(value) -> bool:
+    """An integer, Python's or NumPy's, and not a bool (which Python counts as an int)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    return is_int(value) or isinstance(value, (float, np.floating))
+
+
+def _given(d: dict, key: str, default):
+    """d[key], or the default where it is absent or null."""
+    value = d.get(key)
+    return default if value is None else value
+
+
+def _bad_value(source: str, key: str, value, expected: str) -> ModelFileError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return ModelFileError(f"{source}: {key} = {shown} in the model config; it must be {expected}")
+
+
+def _positive_int(d: dict, key: str, source: str) -> int | None:
+    """d[key] as an int (None when absent or null): a float, bool or string layer count or
+    size would otherwise be truncated or coerced into a model that is not the one described."""
+    value = d.get(key)
+    if value is None:
+        return None
+    if not is_int(value) or value <= 0:
+        raise _bad_value(source, key, value, "a positive integer")
+    return int(value)
+
+
+def _positive_number(value, key: str, source: str) -> float:
+    """A finite number > 0: eps <= 0 or theta <= 0 turns every activation into NaN."""
+    try:
+        number = float(value) if _is_real(value) else math.nan
+    except OverflowError:  # an int beyond a float's range
+        number = math.inf
+    if not (math.isfinite(number) and number > 0):
+        raise _bad_value(source, key, value, "a finite number > 0")
+    return number
+
+
+def _token_id(value, key: str, vocab_size: int, source: str) -> int:
+    if not is_int(value) or not 0 <= value < vocab_size:
+        raise _bad_value(source, key, value, f"a token id in [0, {vocab_size}) (vocab_size)")
+    return int(value)
+
+
 def _read_rope(d: dict, source: str) -> tuple[float, dict | None]:
     """Read RoPE settings from either config style.
 
@@ -129,11 +191,11 @@ def _read_rope(d: dict, source: str) -> tuple[float, dict | None]:
     if isinstance(params, dict) and "full_attention" in params:  # per-layer-type form
         params = params["full_attention"]
     if isinstance(params, dict):
-        theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+        theta = _given(params, "rope_theta", _given(d, "rope_theta", 10000.0))
         scaling = dict(params)
         scaling.pop("rope_theta", None)
     else:
-        theta = d.get("rope_theta", 10000.0)
+        theta = _given(d, "rope_theta", 10000.0)
         scaling = dict(d["rope_scaling"]) if isinstance(d.get("rope_scaling"), dict) else None
     if scaling is not None:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -144,4 +206,19 @@ def _read_rope(d: dict, source: str) -> tuple[float, dict | None]:
         scaling.pop("type", None)
         if rope_type == "default":
             scaling = None
-    return float(theta), scaling
+        else:
+            _check_rope_scaling(scaling, source)
+    return _positive_number(theta, "rope_theta", source), scaling
+
+
+def _check_rope_scaling(scaling: dict, source: str) -> None:
+    """The factors the scaling reads must be there and usable (llama3 divides by high - low)."""
+    for key in ROPE_SCALING_KEYS[scaling["rope_type"]]:
+        if key not in scaling:
+            raise ModelFileError(f"{source}: the {scaling['rope_type']} rope scaling lacks {key}")
+        _positive_number(scaling[key], f"rope_scaling.{key}", source)
+    if scaling["rope_type"] == "llama3" and \
+            not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ModelFileError(f"{source}: rope_scaling.high_freq_factor must be greater than "
+                             f"low_freq_factor (got {scaling['high_freq_factor']} and "
+                             f"{scaling['low_freq_factor']})")

@@ -14,3 +14,8 @@ class ModelFileError(MiniLLMError):
 def one_line(err: BaseException) -> str:
     """A library's error message to quote in ours: all of it on one line, or the error's type."""
     return " ".join(str(err).split()) or type(err).__name__
+
+
+class WriteError(MiniLLMError):
+    """An output could not be written (full disk, read-only folder, closed stream): what was
+    computed is still reported, then this line."""

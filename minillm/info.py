@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from .attention import attention_spec
+from .cache import cache_bytes, session_bytes
 
 
 def parameter_count(cfg) -> int:
@@ -15,10 +16,13 @@ def parameter_count(cfg) -> int:
 def default_cache_bytes(cfg) -> int:
     """Bytes of the default lminfinite cache (n_global=10, n_local=training length)."""
     spec = attention_spec(cfg)
-    slots = spec.n_global + spec.n_local
-    per_slot = 2 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.head_dim * 4
-    raw_globals = cfg.num_hidden_layers * cfg.n_kv_heads * spec.n_global * cfg.head_dim * 4
-    return slots * per_slot + raw_globals
+    return cache_bytes(cfg, spec.n_global, spec.n_local)
+
+
+def default_session_bytes(cfg, xp) -> int:
+    """Bytes of a default session, cache and workspace: what Session checks before allocating."""
+    spec = attention_spec(cfg)
+    return session_bytes(cfg, spec.n_global, spec.n_local, xp)
 
 
 def model_info(model) -> dict:
@@ -26,6 +30,7 @@ def model_info(model) -> dict:
     params = parameter_count(cfg)
     weights_mb = params * 4 / 1e6  # the CPU computes in float32
     cache_mb = default_cache_bytes(cfg) / 1e6
+    session_mb = default_session_bytes(cfg, model.xp) / 1e6
     scaling = cfg.rope_scaling or {}
     return {
         "path": model.path,
@@ -45,7 +50,7 @@ def model_info(model) -> dict:
         "stored_dtype": model.stored_dtype,
         "weights_mb_float32": round(weights_mb, 1),
         "default_cache_mb": round(cache_mb, 1),
-        "memory_needed_mb": round(weights_mb + cache_mb, 1),
+        "memory_needed_mb": round(weights_mb + session_mb, 1),
         "tokenizer_vocab": model.tokenizer.vocab_size,
         "add_bos": model.tokenizer.add_bos,
         "chat_template": bool(model.chat_template),

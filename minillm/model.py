@@ -6,6 +6,8 @@ d head_dim, F intermediate size, V vocabulary.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -14,7 +16,7 @@ import numpy as np
 from . import attention, parallel
 from .attention import AttentionSpec, ChunkPlan
 from .backend import Array
-from .cache import KVCache
+from .cache import KVCache, StagedChunk
 from .config import Config
 from .rope import apply_rope, cos_sin
 from .weights import LayerWeights, Weights
@@ -63,11 +65,16 @@ class Rotations:
             self.q_capped = cos * scale, sin * scale
 
 
+class ChunkAbandoned(Exception):
+    """forward's stop() asked to abandon the chunk between layers: the cache is as it was."""
+
+
 @dataclass
 class Chunk:
     """What every layer of one chunk shares: its attention plan and rotations, the rows each
     thread computes, and the temporaries (views into the session's workspace, overwritten by
-    every layer). Row-wise steps run through `by_rows`, one thread per row range."""
+    every layer). Every layer's keys and values are staged for the cache's commit at the end.
+    Row-wise steps run through `by_rows`, one thread per row range."""
     cfg: Config
     cache: KVCache
     work: Workspace
@@ -83,7 +90,6 @@ class Chunk:
         self.attn_in = buf("attn_in", (n, cfg.hidden_size), n)      # normed input of attention
         self.qkv = buf("qkv", (n, (n_h + 2 * n_kv) * d), n)         # q | k | v, un-rotated
         self.q_rot = buf("q_rot", (n_kv, n, n_h // n_kv, d), n)     # q rotated and scaled
-        self.k_rot = buf("k_rot", (n_kv, n, d), n)                  # k rotated
         self.attn_out = buf("attn_out", (n, cfg.hidden_size), n)    # attention @ Wo
         self.mlp_in = buf("mlp_in", (n, cfg.hidden_size), n)        # normed input of the MLP
         self.gate_up = buf("gate_up", (n, 2 * f), n)
@@ -93,6 +99,17 @@ class Chunk:
         self.q = self.qkv[:, :n_h * d].reshape(n, n_kv, n_h // n_kv, d).transpose(1, 0, 2, 3)
         self.k = self.qkv[:, n_h * d:(n_h + n_kv) * d].reshape(n, n_kv, d).transpose(1, 0, 2)
         self.v = self.qkv[:, (n_h + n_kv) * d:].reshape(n, n_kv, d).transpose(1, 0, 2)
+        # every layer's keys (RoPE writes them there: k_rot(layer)) and values for the commit;
+        # the un-rotated keys only of global positions (at most n_global rows)
+        layers, n_g = cfg.num_hidden_layers, self.plan.write.n_global_rows
+        k_raw = buf("staged_k_raw", (layers, n_kv, self.cache.n_global, d), None)[:, :, :n_g]
+        self.staged = StagedChunk(buf("staged_k", (layers, n_kv, n, d), n),
+                                  buf("staged_v", (layers, n_kv, n, d), n),
+                                  k_raw if n_g else None)
+
+    def k_rot(self, layer: int) -> Array:
+        """This layer's rotated keys [K, C, d]: its slice of the staged keys."""
+        return self.staged.k[layer]
 
     def by_rows(self, step, *args) -> None:
         """step(rows, *args, chunk) for every thread's rows at once."""
@@ -101,26 +118,28 @@ class Chunk:
 
 def block(x: Array, lw: LayerWeights, layer: int, chunk: Chunk) -> Array:
     """One transformer block: x [C, D] -> [C, D], updated in place; this layer's keys and
-    values join the cache."""
-    chunk.by_rows(attention_input, x, lw)     # RMSNorm; q, k, v in one GEMM; RoPE on q and k
+    values are staged for the cache."""
+    chunk.by_rows(attention_input, x, lw, layer)  # RMSNorm; q, k, v in one GEMM; RoPE on q, k
     a = attend(layer, chunk)                  # Λ attention over [cache | chunk], [C, H d]
     chunk.by_rows(attention_residual, x, a, lw)   # x += a Wo
     chunk.by_rows(mlp_residual, x, lw)            # x += MLP(RMSNorm(x))
     return x
 
 
-def attention_input(rows: slice, x: Array, lw: LayerWeights, c: Chunk) -> None:
+def attention_input(rows: slice, x: Array, lw: LayerWeights, layer: int, c: Chunk) -> None:
     h = rms_norm(x[rows], lw.attn_norm, c.cfg.rms_norm_eps, c.xp, out=c.attn_in[rows])
     c.xp.matmul(h, lw.w_qkv.T, out=c.qkv[rows])                          # [C, (H + 2K) d]
     apply_rope(c.q[:, rows], c.rot.q_cos[rows], c.rot.q_sin[rows], c.xp, out=c.q_rot[:, rows])
-    apply_rope(c.k[:, rows], c.rot.cos[rows], c.rot.sin[rows], c.xp, out=c.k_rot[:, rows])
+    apply_rope(c.k[:, rows], c.rot.cos[rows], c.rot.sin[rows], c.xp, out=c.k_rot(layer)[:, rows])
+    c.staged.v[layer][:, rows] = c.v[:, rows]  # qkv is overwritten by the next layer
 
 
 def attend(layer: int, c: Chunk) -> Array:
-    """The chunk's attention output; its keys and values then join this layer's cache."""
+    """The chunk's attention output over [cache | chunk]; the cache is only read."""
     q_capped = apply_rope(c.q, *c.rot.q_capped, c.xp) if c.plan.needs_capped else None
-    a = attention.attend(c.q_rot, q_capped, c.k_rot, c.v, c.cache, layer, c.plan, c.work)
-    c.cache.write(layer, c.plan.write, c.k_rot, c.k, c.v)
+    a = attention.attend(c.q_rot, q_capped, c.k_rot(layer), c.v, c.cache, layer, c.plan, c.work)
+    if c.staged.k_raw is not None:
+        c.staged.k_raw[layer] = c.k[:, c.plan.write.global_rows]
     return a
 
 
@@ -134,14 +153,29 @@ def mlp_residual(rows: slice, x: Array, lw: LayerWeights, c: Chunk) -> None:
 
 
 def forward(weights: Weights, cfg: Config, freq: np.ndarray, tokens: np.ndarray,
-            positions: np.ndarray, spec: AttentionSpec, cache: KVCache, work: Workspace) -> Array:
+            positions: np.ndarray, spec: AttentionSpec, cache: KVCache, work: Workspace,
+            stop: Callable[[], bool] | None = None) -> Array:
     """Final-normed hidden states [C, D] for a chunk; the cache advances past it.
 
-    freq: RoPE inverse frequencies (float64). No query of the chunk may be n_local or more
-    past a global key of the same chunk (see attention.plan_chunk); the session splits so.
+    See forward_staged; this commits the chunk at once.
+    """
+    h, commit = forward_staged(weights, cfg, freq, tokens, positions, spec, cache, work, stop)
+    commit()
+    return h
+
+
+def forward_staged(weights: Weights, cfg: Config, freq: np.ndarray, tokens: np.ndarray,
+                   positions: np.ndarray, spec: AttentionSpec, cache: KVCache, work: Workspace,
+                   stop: Callable[[], bool] | None = None) -> tuple[Array, Callable[[], None]]:
+    """(final-normed hidden states [C, D] for a chunk, the call that commits it to the cache).
+
+    Until that call the cache is only read: an exception before it (ChunkAbandoned when
+    stop(), asked before every layer, says so; KeyboardInterrupt; MemoryError) leaves the cache
+    exactly as it was. freq: RoPE inverse frequencies (float64). No query of the chunk may be
+    n_local or more past a global key of the same chunk (see attention.plan_chunk); the
+    session splits so.
     """
     xp = work.xp
-    cache.reserve(int(positions[-1]) + 1)
     n_parts = parallel.parts_for(len(positions), xp)
     plan = attention.plan_chunk(spec, cache, positions, cfg.n_heads, xp, n_parts)
     rot = Rotations(positions, freq, spec.ceiling, cfg.head_dim, xp)
@@ -149,9 +183,11 @@ def forward(weights: Weights, cfg: Config, freq: np.ndarray, tokens: np.ndarray,
     x = xp.asarray(weights.embed[tokens])                                 # [C, D], a fresh copy
     with parallel.chunk_threads(n_parts):
         for layer, lw in enumerate(weights.layers):
+            if stop is not None and stop():
+                raise ChunkAbandoned(f"abandoned before layer {layer}")
             x = block(x, lw, layer, chunk)
-    cache.commit(plan.write)
-    return rms_norm(x, weights.norm, cfg.rms_norm_eps, xp)
+    h = rms_norm(x, weights.norm, cfg.rms_norm_eps, xp)
+    return h, functools.partial(cache.commit, plan.write, chunk.staged)
 
 
 def lm_head(h: Array, weights: Weights) -> Array:

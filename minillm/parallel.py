@@ -19,6 +19,8 @@ different threads may briefly run each other's GEMMs single-threaded (slower, ne
 
 from __future__ import annotations
 
+import contextlib
+import os
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import nullcontext
 
@@ -39,12 +41,20 @@ def _blas():
     return _state["blas"]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), not all the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on every platform
+        return os.cpu_count() or 1
+
+
 def workers() -> int:
-    """How many threads a long chunk is split over."""
+    """How many threads a long chunk is split over: never more than the usable cores."""
     if "workers" not in _state:
         blas = _blas()
         threads = [lib.num_threads for lib in blas.lib_controllers] if blas is not None else []
-        n = max(threads, default=1)
+        n = min(max(threads, default=1), usable_cores())
         _state["workers"] = n if n <= SPLIT_MAX_THREADS else 1
     return _state["workers"]
 
@@ -94,14 +104,36 @@ def run(fn, parts: list) -> None:
             size = len(parts) - 1
             pool = ThreadPoolExecutor(size, thread_name_prefix="minillm")
             _state["pool"] = pool, size
-        futures = [pool.submit(fn, i, part) for i, part in enumerate(parts) if i]
+        on_worker = _with_errstate(fn, np.geterr())
+        futures = [pool.submit(on_worker, i, part) for i, part in enumerate(parts) if i]
     try:
         fn(0, parts[0])
     finally:  # never return while a worker still writes into shared buffers
         if futures:
-            wait(futures)
+            _wait_all(futures)
     for f in futures:
         f.result()  # re-raises a worker's exception here
+
+
+def _wait_all(futures) -> None:
+    """wait(futures), even when a signal handler raises meanwhile (a second Ctrl-C raises
+    KeyboardInterrupt in the middle of a chunk): its exception comes after the wait."""
+    try:
+        wait(futures)
+    except BaseException:
+        while not all(f.done() for f in futures):
+            with contextlib.suppress(BaseException):
+                wait(futures)
+        raise
+
+
+def _with_errstate(fn, errors: dict):
+    """fn under the caller's NumPy floating-point error settings, which are per thread: a
+    worker would otherwise warn where its caller chose to be quiet."""
+    def call(*args):
+        with np.errstate(**errors):
+            return fn(*args)
+    return call
 
 
 def over_rows(fn, n_rows: int, xp) -> None:

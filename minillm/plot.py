@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import MiniLLMError
+from .errors import MiniLLMError, WriteError
 
 
 def require_matplotlib():
@@ -15,9 +15,16 @@ def require_matplotlib():
     return plt
 
 
+def plot_formats() -> list[str]:
+    """The file extensions --plot can write (checked before a long run, not after)."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    return sorted(FigureCanvasAgg.get_supported_filetypes())
+
+
 def plot_curves(path: str, curves: dict, title: str = "",
                 training_length: int | None = None) -> None:
-    """curves: label -> (positions, mean NLL). Writes a PNG."""
+    """curves: label -> (positions, mean NLL). The format follows the extension (PNG, SVG...)."""
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     for label, (x, y) in curves.items():
@@ -35,6 +42,6 @@ def plot_curves(path: str, curves: dict, title: str = "",
     try:
         fig.savefig(path)
     except OSError as e:
-        raise MiniLLMError(f"{path}: cannot write the plot ({e.strerror})") from None
+        raise WriteError(f"{path}: cannot write the plot ({e.strerror})") from None
     finally:
         plt.close(fig)

@@ -6,11 +6,20 @@ Order (as transformers' warpers): repeat penalty, temperature, top-k, top-p, min
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
+from .config import is_int
 from .errors import MiniLLMError
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+class SamplingWarning(UserWarning):
+    """The logits are not usable as they are (NaN): what is sampled means little."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,17 @@ class SamplingParams:
     max_tokens: int = 256    # new tokens per answer
 
     def __post_init__(self):
+        for name in ("top_k", "repeat_last_n", "max_tokens", "seed"):
+            value = getattr(self, name)
+            if not (is_int(value) or (name == "seed" and value is None)):
+                raise TypeError(f"{name} must be an int (got {type(value).__name__} {value!r})")
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+            value = getattr(self, name)
+            if not (is_int(value) or isinstance(value, (float, np.floating))) \
+                    or not math.isfinite(value):
+                raise TypeError(f"{name} must be a finite number (got {value!r})")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError("seed must be >= 0")
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
             (self.top_k >= 0, "top_k must be >= 0"),
@@ -49,18 +69,26 @@ def apply_repeat_penalty(logits: np.ndarray, recent, penalty: float) -> np.ndarr
         return logits
     out = logits.copy()
     seen = np.unique(np.asarray(recent, dtype=np.int64))
-    vals = out[seen]
-    out[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    vals = out[seen].astype(np.float64)
+    with np.errstate(over="ignore"):
+        scaled = np.where(vals > 0, vals / penalty, vals * penalty)
+    # an extreme penalty saturates at the largest float32 logit rather than making one inf
+    # (an inf logit means a broken model to filtered_probs); a NaN or inf logit stays as it is
+    out[seen] = np.where(np.isfinite(vals), np.clip(scaled, -F32_MAX, F32_MAX), vals)
     return out
 
 
 def filtered_probs(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
     """The distribution actually sampled from: [V] float64, zero outside the kept set."""
-    z = logits.astype(np.float64) / p.temperature
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        # the top logit to 0 first: a tiny temperature then sends the others to -inf (their
+        # limit) instead of every logit to inf; an inf or NaN logit makes NaN (sample says so)
+        z = (z - z.max()) / p.temperature
     if 0 < p.top_k < len(z):
         kth = np.partition(z, -p.top_k)[-p.top_k]
         z = np.where(z >= kth, z, -np.inf)
-    probs = np.exp(z - z.max())
+    probs = np.exp(z)
     probs /= probs.sum()
     if p.top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
@@ -77,6 +105,9 @@ def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, rece
     """One token id from host logits [V]."""
     logits = apply_repeat_penalty(logits, recent, p.repeat_penalty)
     if p.temperature == 0:
+        if np.isnan(logits).any():
+            warnings.warn("the model produced NaN logits: greedy decoding picks tokens "
+                          "arbitrarily (are the weights damaged?)", SamplingWarning, stacklevel=2)
         return int(np.argmax(logits))
     probs = filtered_probs(logits, p)
     if not np.isfinite(probs).all():

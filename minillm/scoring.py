@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import BinaryIO
@@ -19,11 +21,16 @@ import numpy as np
 
 from .attention import AttentionSpec
 from .checkpoint import CHECKPOINT_KEYS, read_checkpoint, write_checkpoint
+from .config import is_int
 from .errors import MiniLLMError
-from .session import Session
+from .session import Interrupted, Session, check_chunk_size
 from .textstream import read_pieces
 
 CHECK_WINDOW = 1 << 20  # the last bytes before the resume point, hashed to recognise the input
+
+
+class ScoreWarning(UserWarning):
+    """The scores are NaN: the model computed NaN (NaN or inf in its weights or activations)."""
 
 
 @dataclass
@@ -31,8 +38,20 @@ class ScoreStats:
     tokens: int = 0          # tokens read and fed
     predicted: int = 0       # tokens with an NLL (all but a first token without BOS)
     total_nll: float = 0.0   # nats
-    n_bytes: int = 0         # UTF-8 bytes of the scored text
+    n_bytes: int = 0         # input bytes the scored tokens cover (as read, before any U+FFFD)
     seconds: float = 0.0
+
+    def add(self, nll: np.ndarray, first_position: int) -> None:
+        """Count predictions (NLL of the tokens from first_position on); the first NaN among
+        them is reported once, since a NaN result otherwise comes with no reason."""
+        total = float(np.sum(nll, dtype=np.float64))
+        if math.isnan(total) and not math.isnan(self.total_nll):
+            at = first_position + int(np.flatnonzero(np.isnan(nll))[0])
+            warnings.warn(f"the model's NLL is NaN from token {at} on (NaN or inf in its weights "
+                          "or activations): the mean NLL, perplexity and bits per byte are NaN",
+                          ScoreWarning, stacklevel=3)
+        self.predicted += len(nll)
+        self.total_nll += total
 
     @property
     def mean_nll(self) -> float:
@@ -40,11 +59,19 @@ class ScoreStats:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.mean_nll) if self.predicted else float("nan")
+        if not self.predicted:
+            return float("nan")
+        try:
+            return math.exp(self.mean_nll)
+        except OverflowError:  # a mean NLL above ~709 nats
+            return float("inf")
 
     @property
     def bits_per_byte(self) -> float:
-        return self.total_nll / math.log(2) / self.n_bytes if self.n_bytes else float("nan")
+        """NaN where nothing was predicted: 0.0 would claim a perfect prediction."""
+        if not (self.predicted and self.n_bytes):
+            return float("nan")
+        return self.total_nll / math.log(2) / self.n_bytes
 
     @property
     def tokens_per_second(self) -> float:
@@ -74,14 +101,15 @@ class Scorer:
     """Feeds a stream through a session and keeps the sums; `stats` is valid between chunks."""
 
     def __init__(self, session: Session, chunk_size: int = 512, max_tokens: int | None = None):
-        if chunk_size < 1:
-            raise ValueError("chunk_size must be at least 1")
+        check_chunk_size(chunk_size)
+        if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 1):
+            raise ValueError(f"max_tokens must be None or an int >= 1 (got {max_tokens!r})")
         self.session, self.chunk_size, self.max_tokens = session, chunk_size, max_tokens
         self.tokenizer = session.model.tokenizer
         self.stats = ScoreStats()
         self.at = InputPosition()
         self._tail = b""  # recent input bytes before the current piece (bounded)
-        self._piece_ids = None  # ids of a piece being scored
+        self._piece, self._piece_ids = None, None  # a piece being scored and its ids
         self._scored = hashlib.sha256()  # of the current piece's ids fed so far
         self.notes: dict = {}  # the caller's own flat state, saved with checkpoints
 
@@ -121,37 +149,61 @@ class Scorer:
     def _score_piece(self, piece, ids, skip, on_chunk, stop, start_time) -> bool:
         """Feed one piece's ids (after `skip` already fed); False when the run should stop."""
         st = self.stats
-        self._piece_ids = ids
-        a = min(skip, len(ids))
+        self._piece, self._piece_ids = piece, ids
+        a = end = min(skip, len(ids))
         while a < len(ids):
             if stop() or (self.max_tokens is not None and st.tokens >= self.max_tokens):
                 return False
-            b = min(len(ids), a + self.chunk_size)
-            if self.max_tokens is not None:
-                b = min(b, a + self.max_tokens - st.tokens)
+            if a == end:
+                end = min(len(ids), a + self.chunk_size)
+                if self.max_tokens is not None:
+                    end = min(end, a + self.max_tokens - st.tokens)
+            # [a, end) one of the session's chunks at a time: an interrupted call fed nothing
+            b = a + self.session.chunk_length(end - a, self.chunk_size)
             first = self.session.position
-            nll = self.session.nll(ids[a:b], chunk_size=self.chunk_size)
+            try:
+                nll = self.session.nll(ids[a:b], chunk_size=self.chunk_size)
+            except Interrupted:  # a signal abandoned the chunk: the session is still at `first`
+                return False
             st.tokens += b - a
             # only the stream's very first token has no prediction: a NaN anywhere else is a
             # real NaN (NaN weights) and must show in the result, not be skipped
             scored = nll[1:] if first == 0 else nll
-            st.predicted += len(scored)
-            st.total_nll += float(np.sum(scored, dtype=np.float64))
+            st.add(scored, first + len(nll) - len(scored))
             self._scored.update(_ids_bytes(ids[a:b]))
             self.at.skip = a = b
             st.seconds = time.perf_counter() - start_time
             if on_chunk:
                 on_chunk(self, first, ids[b - len(nll):b], nll)
-        st.n_bytes += len(piece.text.encode("utf-8"))  # bytes count once a piece is complete
-        self._piece_ids = None
+        st.n_bytes += len(piece.raw)  # bytes count once a piece is complete
+        self._piece, self._piece_ids = None, None
         return True
 
     def result(self) -> ScoreStats:
         """The stats, with the bytes of a piece that was only partly scored."""
         st = dataclasses.replace(self.stats)
         if self._piece_ids is not None and self.at.skip:
-            st.n_bytes += len(self.tokenizer.decode(self._piece_ids[:self.at.skip]).encode("utf-8"))
+            st.n_bytes += self._scored_bytes(self._piece, self._piece_ids, self.at.skip)
         return st
+
+    def _scored_bytes(self, piece, ids, n: int) -> int:
+        """The input bytes a piece's first n ids cover.
+
+        Their share of the piece's text is counted from its end: the text less what the other
+        ids decode to after them, so that a leading space a tokenizer drops or adds in decoding
+        falls on the right side. A character split between the two (byte-level tokens) goes
+        with the ids not yet scored: its first bytes decode to U+FFFD, which differs from the
+        character, unless the character is itself a U+FFFD (invalid input); then the bytes
+        left over, decoded alone, add U+FFFDs of their own, which a clean cut never does.
+        Each U+FFFD that replaced invalid input counts the bytes it replaced (Piece.raw_length).
+        """
+        decode = self.tokenizer.decode
+        whole, scored = decode(ids, skip_special=True), decode(ids[:n], skip_special=True)
+        common = len(os.path.commonprefix([whole, scored]))
+        if common == len(scored) and scored.endswith("\ufffd") and \
+                len(scored) + len(decode(ids[n:], skip_special=True)) > len(whole):
+            common -= 1
+        return piece.raw_length(max(0, len(piece.text) - (len(whole) - common)))
 
     # --- checkpoints (minillm.checkpoint): one flat record -----------------------------------
     def save(self, path: str) -> None:
@@ -171,11 +223,8 @@ class Scorer:
             diffs = [f"{k} {have[k]} there, {want[k]} here" for k in want if have[k] != want[k]]
             raise MiniLLMError(f"{path}: the checkpoint was made with other settings "
                                f"({'; '.join(diffs)})")
-        try:
-            stats = ScoreStats(**{f.name: record[f.name] for f in fields(ScoreStats)})
-            at = InputPosition(**{f.name: record[f.name] for f in fields(InputPosition)})
-        except KeyError as e:
-            raise MiniLLMError(f"{path}: not a checkpoint of `minillm score` (no {e})") from None
+        stats = _from_record(ScoreStats, record, path)
+        at = _from_record(InputPosition, record, path)
         scorer = cls(session, chunk_size, max_tokens)
         scorer.stats, scorer.at = stats, at
         own = {"chunk_size"} | {f.name for f in fields(ScoreStats) + fields(InputPosition)}
@@ -196,6 +245,25 @@ class Scorer:
             raise MiniLLMError("the input does not continue the text the checkpoint scored "
                                f"(its first {start} bytes differ)")
         self._tail = window
+
+
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,),
+                "str | None": (str, type(None))}
+
+
+def _from_record(cls, record: dict, path: str):
+    """A ScoreStats or InputPosition from a checkpoint's record, each field of its own type,
+    counts not negative (a damaged record is refused, never a traceback later)."""
+    values = {}
+    for f in fields(cls):
+        if f.name not in record:
+            raise MiniLLMError(f"{path}: not a checkpoint of `minillm score` (no {f.name!r})")
+        value = record[f.name]
+        if isinstance(value, bool) or not isinstance(value, _FIELD_TYPES[f.type]) or (
+                f.type == "int" and value < 0):  # a NaN total is honest (NaN weights)
+            raise MiniLLMError(f"{path}: a damaged checkpoint ({f.name} is {value!r})")
+        values[f.name] = value
+    return cls(**values)
 
 
 def _discard(stream: BinaryIO, n: int) -> None:

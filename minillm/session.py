@@ -3,53 +3,169 @@
 The session is the only state: feeding a text in chunks of 1, 7, 512 or all at once gives the
 same results (to float32 rounding), because every chunk runs the same masked attention over
 [cache | chunk] and the cache holds exactly the keys LM-Infinite attends to. A chunk is
-written all or nothing: Ctrl-C is held until its last layer is in the cache, so an interrupted
-feed leaves the session at a chunk boundary that `position` tells.
+written all or nothing: its keys and values reach the cache only in one commit after its last
+layer, so Ctrl-C (or SIGTERM to a program that handles it) stops a chunk between two layers
+and the session stays at the chunk boundary before it, which `position` tells.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
+import functools
 import signal
 import threading
 import warnings
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from . import parallel
 from .attention import AttentionSpec, attention_spec
 from .backend import Array, to_host
-from .cache import KVCache
+from .cache import KVCache, available_bytes, check_memory, out_of_memory, session_bytes
+from .config import is_int
 from .errors import MiniLLMError
-from .model import forward, lm_head
+from .model import ChunkAbandoned, forward_staged, lm_head
 from .workspace import NLL_ROWS, Workspace
 
 LOGITS_MODES = ("all", "last", "none")
 
 
-@contextlib.contextmanager
-def _sigint_deferred():
-    """Hold Ctrl-C until a chunk is fully written, so an interrupt never leaves a half-updated
-    cache (the layers written, the positions not). The signal is re-delivered afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            if callable(previous):
-                previous(signal.SIGINT, received[0])
-            elif previous == signal.SIG_DFL:
-                os.kill(os.getpid(), signal.SIGINT)
+WATCHED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    """A signal stopped feed() or nll() inside a chunk and its handler returned instead of
+    raising (a program's own SIGINT/SIGTERM handler that sets a flag): the chunk was
+    abandoned, and the session stays at the chunk boundary before it (`position`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class _ChunkSignals:
+    """The signals that arrive while a chunk runs on the main thread (elsewhere: none).
+
+    SIGINT and SIGTERM, where their handler is a Python callable (Ctrl-C's default_int_handler,
+    a program's own), are recorded and make `stop` true: the forward pass abandons the chunk
+    before its next layer, and on leaving the recorded signals go to their handlers. A second
+    signal while one is pending goes (after it) to the handlers at once, so a KeyboardInterrupt
+    comes from the middle of a layer: safe, since nothing reaches the cache before the commit.
+    From `hold()` on (the commit) every signal waits for the end. Ignored (SIG_IGN) and default
+    (SIG_DFL) signals are left alone.
+    """
+
+    def __init__(self):
+        self._handlers: dict[int, Callable] = {}  # the handlers replaced while the chunk runs
+        self._pending: list[tuple[int, object]] = []
+        self._first: int | None = None  # the first signal received
+        self._holding = False
+        self._closed = False
+
+    def __enter__(self) -> _ChunkSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in WATCHED_SIGNALS:
+                handler = signal.getsignal(sig)
+                if callable(handler):
+                    self._handlers[sig] = handler
+                    signal.signal(sig, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self._pending.append((signum, frame))
+        if self._first is None:
+            self._first = signum
+        elif not self._holding:
+            self._close()  # a second signal: to the handlers now
+
+    def stop(self) -> bool:
+        return self._first is not None
+
+    def hold(self) -> None:
+        self._holding = True
+
+    def _close(self) -> None:
+        """Put the handlers back, then hand them the signals recorded (they may raise)."""
+        self._holding = True  # a signal from here on only queues up: nothing cuts the loop
+        if not self._closed:
+            self._closed = True
+            for sig, handler in self._handlers.items():
+                signal.signal(sig, handler)
+        while self._pending:
+            signum, frame = self._pending.pop(0)
+            self._handlers[signum](signum, frame)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not ChunkAbandoned:
+            self._close()
+            return
+        try:
+            self._close()
+        except BaseException as handler_error:  # KeyboardInterrupt: it stopped the chunk
+            raise handler_error from None
+        raise Interrupted(self._first) from None
 
 
 class AttentionWarning(UserWarning):
     """A working setting that leaves LM-Infinite's guarantees (growing memory, unseen distances)."""
+
+
+IDS_EXPECTED = "a 1-D list, tuple or NumPy array of integer token ids"
+
+
+def _shown(value) -> str:
+    """A value for an error message: its type and (a short) repr."""
+    if isinstance(value, np.ndarray):
+        return f"a {value.ndim}-D array of {value.dtype}, shape {value.shape}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def as_token_ids(ids, vocab_size: int) -> np.ndarray:
+    """ids as an int64 array, coercing nothing: a float id, a bool, a string, a bare int or a
+    nested list would otherwise become some other stream of ids without a word (TypeError);
+    an id the model has no embedding for is a MiniLLMError."""
+    if hasattr(ids, "__array__") and not isinstance(ids, np.ndarray):
+        ids = np.asarray(ids)  # torch tensors and the like; a NumPy scalar becomes 0-D
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise TypeError(f"token ids must be {IDS_EXPECTED}; got {_shown(ids)}")
+        bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+        if bad.size:
+            raise _out_of_range(ids[bad[0]], bad[0], vocab_size)
+        return ids.astype(np.int64, copy=False)
+    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Sequence):
+        raise TypeError(f"token ids must be {IDS_EXPECTED}; got {_shown(ids)}")
+    for i, x in enumerate(ids):
+        if not is_int(x):
+            raise TypeError(f"token ids must be {IDS_EXPECTED}; got {_shown(x)} at index {i}")
+        if not 0 <= x < vocab_size:
+            raise _out_of_range(x, i, vocab_size)
+    return np.array(ids, dtype=np.int64)
+
+
+def _out_of_range(token, index, vocab_size: int) -> MiniLLMError:
+    return MiniLLMError(f"token id {token} (at index {index}) is out of range: the model's ids "
+                        f"are 0 to {vocab_size - 1}")
+
+
+def check_chunk_size(chunk_size) -> None:
+    if not is_int(chunk_size):
+        raise TypeError(f"chunk_size must be an int (got {_shown(chunk_size)})")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1 (got {chunk_size})")
+
+
+def _quiet_float_errors(method):
+    """Run the model's math without NumPy's floating-point warnings. Overflow in it is expected
+    and harmless in places (exp in SiLU); where it is not (NaN or inf weights), the result is
+    NaN, which its consumers report once (scoring, sampling) instead of raw RuntimeWarnings
+    repeated per layer and thread. parallel.run hands the setting to its worker threads."""
+    @functools.wraps(method)
+    def quiet(*args, **kwargs):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return method(*args, **kwargs)
+    return quiet
 
 
 def _nll_of_rows(states: Array, targets: Array, lm_head_w: Array, logits_rows: Array, xp) -> Array:
@@ -72,6 +188,8 @@ class Session:
         cfg = model.config
         self.model = model
         self.spec: AttentionSpec = attention_spec(cfg, attention, n_global, n_local, ceiling)
+        need = session_bytes(cfg, self.spec.n_global, self.spec.n_local, model.xp)
+        check_memory(need, model.xp)  # one clear line, not a MemoryError from deep in NumPy
         if self.spec.preset == "full":
             warnings.warn("attention 'full' keeps every key: memory and time per token grow "
                           "with the stream", AttentionWarning, stacklevel=2)
@@ -79,8 +197,11 @@ class Session:
             warnings.warn(f"n_local {self.spec.n_local} exceeds the training length "
                           f"{cfg.max_position_embeddings}: the model will see distances it was "
                           f"never trained on", AttentionWarning, stacklevel=2)
-        self.cache = KVCache(cfg, self.spec.n_global, self.spec.n_local, model.xp)
-        self.workspace = Workspace(cfg.vocab_size, model.xp)
+        try:
+            self.cache = KVCache(cfg, self.spec.n_global, self.spec.n_local, model.xp)
+            self.workspace = Workspace(cfg.vocab_size, model.xp)
+        except MemoryError:  # CuPy's OutOfMemoryError too
+            raise out_of_memory(need, available_bytes(model.xp), model.xp) from None
         self.last_hidden = None  # [D] final hidden state of the newest token: predicts the next
 
     @property
@@ -112,6 +233,11 @@ class Session:
             yield start, stop
             start = stop
 
+    def chunk_length(self, n: int, chunk_size: int) -> int:
+        """How many of n ids the first chunk of feed/nll(ids, chunk_size) takes. Fed that many
+        at a time, an interrupted call has fed all of its ids or none."""
+        return next(self._chunks(n, chunk_size))[1]
+
     def _threads(self, n_tokens: int):
         """Hold BLAS single-threaded over a whole long feed, its short first chunk and its
         logits included: after every threaded BLAS call its idle threads spin for about
@@ -123,23 +249,27 @@ class Session:
         m = self.model
         for a, b in self._chunks(len(ids), chunk_size):
             positions = np.arange(self.position, self.position + b - a, dtype=np.int64)
-            with _sigint_deferred():
-                h = forward(m.weights, m.config, m.freq, ids[a:b], positions, self.spec,
-                            self.cache, self.workspace)
+            with _ChunkSignals() as signals:
+                h, commit = forward_staged(m.weights, m.config, m.freq, ids[a:b], positions,
+                                           self.spec, self.cache, self.workspace, signals.stop)
+                signals.hold()  # the commit, a few copies, is never cut halfway
+                commit()
                 self.last_hidden = h[-1].copy()  # not a view: do not keep the chunk alive
             yield a, b, h
 
     def _ids(self, ids) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.model.config.vocab_size):
-            raise MiniLLMError(f"token id out of range [0, {self.model.config.vocab_size})")
-        return ids
+        return as_token_ids(ids, self.model.config.vocab_size)
 
-    def feed(self, ids, chunk_size: int = 512, logits: str = "all"):
-        """Advance by ids; return host float32 logits: [len(ids), V], [V] or None."""
+    @_quiet_float_errors
+    def feed(self, ids, chunk_size: int = 512, logits: str = "all",
+             progress: Callable[[int, int], None] | None = None):
+        """Advance by ids; return host float32 logits: [len(ids), V], [V] or None.
+
+        progress(fed, total) is called after each chunk (a long prompt's sign of life)."""
         if logits not in LOGITS_MODES:
             raise ValueError(f"logits must be one of {LOGITS_MODES} (got {logits!r})")
         ids = self._ids(ids)
+        check_chunk_size(chunk_size)
         vocab = self.model.config.vocab_size
         out = np.empty((len(ids), vocab), np.float32) if logits == "all" else None
         with self._threads(len(ids)):
@@ -148,18 +278,22 @@ class Session:
                     def logits_of(r, a=a, h=h):
                         out[a + r.start:a + r.stop] = to_host(lm_head(h[r], self.model.weights))
                     parallel.over_rows(logits_of, b - a, self.model.xp)
+                if progress is not None:
+                    progress(b, len(ids))
             if logits == "last":
                 if self.last_hidden is None:
                     raise ValueError("no token has been fed yet")
                 return to_host(lm_head(self.last_hidden[None], self.model.weights))[0]
         return out
 
+    @_quiet_float_errors
     def nll(self, ids, chunk_size: int = 512) -> np.ndarray:
         """NLL (nats) of each token given everything before it in the session; nan for position 0.
 
         Logits are materialised NLL_ROWS rows at a time, never as a [len(ids), V] array.
         """
         ids = self._ids(ids)
+        check_chunk_size(chunk_size)
         out = np.full(len(ids), np.nan, dtype=np.float32)
         with self._threads(len(ids)):
             self._nll_chunks(ids, chunk_size, out)

@@ -10,6 +10,7 @@ boundary is cut anyway (at a character boundary), with a warning.
 
 from __future__ import annotations
 
+import codecs
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +31,29 @@ class Piece:
     text: str
     start: int        # byte offset of the piece in the stream
     raw: bytes        # the bytes it covers
+
+    def raw_length(self, n_chars: int) -> int:
+        """The input bytes behind the first n_chars characters of text (see raw_prefix_length)."""
+        return len(self.raw) if n_chars >= len(self.text) else raw_prefix_length(self.raw, n_chars)
+
+
+def raw_prefix_length(raw: bytes, n_chars: int) -> int:
+    """How many bytes of raw decode (UTF-8, invalid bytes replaced) to its first n_chars
+    characters. A U+FFFD that replaced invalid bytes stands for those bytes (one to three, the
+    span Python's decoder replaces at once), not for the three bytes of its own encoding."""
+    data, pos, left = memoryview(raw), 0, n_chars
+    while left > 0 and pos < len(raw):
+        try:
+            text, _ = codecs.utf_8_decode(data[pos:], "strict", True)
+        except UnicodeDecodeError as e:  # valid up to e.start, then one U+FFFD for the span
+            text, bad_end = bytes(data[pos:pos + e.start]).decode("utf-8"), pos + e.end
+        else:
+            bad_end = None
+        if left <= len(text) or bad_end is None:
+            return pos + len(text[:left].encode("utf-8"))
+        left -= len(text) + 1
+        pos = bad_end
+    return pos
 
 
 def _last_safe_cut(buf: bytes) -> int:

@@ -81,6 +81,8 @@ class _SPBackend:
         self._sp = sentencepiece.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(model_bytes)
+            for i in range(self._sp.get_piece_size()):  # a piece that is not UTF-8 fails
+                self._sp.id_to_piece(i)                    # here, not in the middle of a stream
         except Exception as err:
             raise ModelFileError(f"invalid SentencePiece model: {one_line(err)}") from None
         self.vocab_size = self._sp.get_piece_size()

@@ -68,35 +68,54 @@ class Weights:
     lm_head: Array     # [vocab, hidden] (the embedding itself when tied)
 
 
+LAYER_TENSORS = 9  # per layer: two norms, q, k, v, o, gate, up, down
+
+
 def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Every tensor a Llama checkpoint must hold, with its shape, in minillm's file order
     (q, k, v back to back and gate, up back to back, so they fuse without a copy)."""
+    return dict(_expected(cfg))
+
+
+def expected_count(cfg: Config) -> int:
+    """len(expected_shapes(cfg)), without listing them."""
+    return cfg.num_hidden_layers * LAYER_TENSORS + (2 if cfg.tie_word_embeddings else 3)
+
+
+def _expected(cfg: Config):
+    """(name, shape) of expected_shapes, one at a time."""
     h, hd, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
-    shapes = {} if cfg.tie_word_embeddings else {"lm_head.weight": (cfg.vocab_size, h)}
-    shapes["model.embed_tokens.weight"] = (cfg.vocab_size, h)
+    if not cfg.tie_word_embeddings:
+        yield "lm_head.weight", (cfg.vocab_size, h)
+    yield "model.embed_tokens.weight", (cfg.vocab_size, h)
     for n in range(cfg.num_hidden_layers):
         p = f"model.layers.{n}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (i, h),
-            p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
-        })
-    shapes["model.norm.weight"] = (h,)
-    return shapes
+        yield from (
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (q, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, q)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+        )
+    yield "model.norm.weight", (h,)
 
 
 def check_source(source, cfg: Config, name: str) -> None:
     """Refuse missing, unexpected or misshapen tensors before anything large is read."""
-    shapes = expected_shapes(cfg)
     # a tensor source is no dict: keys() is its only listing (it cannot be iterated)
     keys = {k for k in source.keys() if not k.endswith(IGNORED_SUFFIXES)}  # noqa: SIM118
+    need = expected_count(cfg)
+    if need > len(keys):
+        # not the whole list: a config may claim millions of layers the file does not hold
+        first = next(k for k, _ in _expected(cfg) if k not in keys)
+        raise ModelFileError(f"{name}: missing tensor {first} (the config implies {need} "
+                             f"tensors, {cfg.num_hidden_layers} layers; the file has {len(keys)})")
+    shapes = expected_shapes(cfg)
     missing = [k for k in shapes if k not in keys]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -46,13 +46,14 @@ class Workspace:
             self._scores[worker] = self.xp.empty(n, dtype=self.xp.float32)
         return self._scores[worker][:n]
 
-    def buffer(self, name: str, shape: tuple[int, ...], n_rows: int) -> Array:
+    def buffer(self, name: str, shape: tuple[int, ...], n_rows: int | None) -> Array:
         """A float32 array of `shape` kept under `name` and reused: a chunk's temporaries have
         the same shapes in every layer. n_rows is the chunk length within `shape`: the buffer
-        is first made large enough for TYPICAL_CHUNK rows, so it only grows for larger chunks."""
+        is first made large enough for TYPICAL_CHUNK rows, so it only grows for larger chunks
+        (None: a buffer whose size does not follow the chunk's, made exactly as large)."""
         n = math.prod(shape)
         buf = self._buffers.get(name)
         if buf is None or buf.size < n:
-            size = max(n, n // max(n_rows, 1) * TYPICAL_CHUNK)
+            size = n if n_rows is None else max(n, n // max(n_rows, 1) * TYPICAL_CHUNK)
             buf = self._buffers[name] = self.xp.empty(size, dtype=self.xp.float32)
         return buf[:n].reshape(shape)

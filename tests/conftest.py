@@ -52,6 +52,16 @@ def tiny_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def two_workers():
+    """Long chunks split over two threads, as on a machine with 2 to 4 BLAS threads."""
+    from minillm import parallel
+    before = parallel.workers()
+    parallel.set_workers(2)
+    yield
+    parallel.set_workers(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     """The gqa tiny model loaded once for the session: tests must not change it."""

@@ -13,7 +13,7 @@ import pytest
 from helpers import BACKEND, TINY_TEMPLATE
 
 import minillm
-import minillm.session
+import minillm.model
 from minillm.chat import FALLBACK_TEMPLATE, Chat, ChatTemplate, _encode, _StopText, end_of_turn_ids
 from minillm.errors import MiniLLMError
 from minillm.tokenizer import Tokenizer
@@ -373,25 +373,28 @@ def sigint_raises():
     signal.signal(signal.SIGINT, previous)
 
 
-def test_ctrl_c_inside_a_chunk_waits_for_the_chunk(fresh_tiny, monkeypatch, sigint_raises):
-    """A real SIGINT landing inside a chunk of a long prompt is held until the chunk is in the
-    cache: the session stops at a chunk boundary, whole, and the conversation goes on from the
-    ids that got in (they equal a fresh session fed the same ids)."""
+def test_ctrl_c_inside_a_chunk_abandons_the_chunk(fresh_tiny, monkeypatch, sigint_raises):
+    """A real SIGINT landing inside a chunk of a long prompt stops it before its next layer and
+    none of it reaches the cache: the session stays at the chunk boundary before it, whole, and
+    the conversation goes on from the ids that got in (they equal a fresh session fed the same
+    ids)."""
     chat = tiny_chat(fresh_tiny, n_local=32, max_tokens=3)
-    forward = minillm.session.forward
-    calls = []
+    block = minillm.model.block
+    chunks = []  # the length of every chunk begun
 
-    def interrupted(weights, cfg, freq, tokens, *args):
-        calls.append(len(tokens))
-        if len(calls) == 2:  # Ctrl-C while the second chunk of the prompt is computed
+    def interrupted(x, lw, layer, chunk):
+        if layer == 0:
+            chunks.append(len(x))
+        out = block(x, lw, layer, chunk)
+        if len(chunks) == 2 and layer == 0:  # Ctrl-C in the first layer of the second chunk
             os.kill(os.getpid(), signal.SIGINT)
-        return forward(weights, cfg, freq, tokens, *args)
+        return out
 
-    monkeypatch.setattr(minillm.session, "forward", interrupted)
+    monkeypatch.setattr(minillm.model, "block", interrupted)
     with pytest.raises(KeyboardInterrupt):
         "".join(chat.send("hello world " * 400))
-    monkeypatch.setattr(minillm.session, "forward", forward)
-    assert len(calls) == 2 and chat.session.position == sum(calls)
+    monkeypatch.setattr(minillm.model, "block", block)
+    assert len(chunks) == 2 and chat.session.position == chunks[0]
     assert chat.messages[-1] == {"role": "assistant", "content": ""}
     fed = chat._recent  # every id that entered the session (repeat-penalty history)
     assert len(fed) == min(chat.session.position, fed.maxlen)
@@ -399,7 +402,7 @@ def test_ctrl_c_inside_a_chunk_waits_for_the_chunk(fresh_tiny, monkeypatch, sigi
     prompt = _encode(chat.tokenizer, chat.render(chat.conversation()[:-2] + [
         {"role": "user", "content": "hello world " * 400}]))
     np.testing.assert_allclose(chat.session.feed([7], logits="last"),
-                               replay.feed(prompt[:sum(calls)] + [7], logits="last"), atol=1e-5)
+                               replay.feed(prompt[:chunks[0]] + [7], logits="last"), atol=1e-5)
 
 
 # -- sampling, reset, fallback ----------------------------------------------------------------

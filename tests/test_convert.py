@@ -17,7 +17,6 @@ import pytest
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from helpers import reusing_gguf_reader  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from safetensors.torch import load_file as load_torch  # noqa: E402
@@ -309,9 +308,8 @@ def test_gguf_q8_0_round_trip(tmp_path, hf_folder, bpe):
 
 
 @pytest.mark.real_model
-def test_real_smollm2_gguf(smollm2_gguf_path, smollm2_gguf_reader):
-    with reusing_gguf_reader(smollm2_gguf_path, smollm2_gguf_reader):  # parsed once a session
-        src = GGUFSource(smollm2_gguf_path)
+def test_real_smollm2_gguf(smollm2_gguf_path):
+    src = GGUFSource(smollm2_gguf_path)  # minillm's own GGUF parser: a fraction of a second
     c = src.config
     assert (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
             c["num_key_value_heads"]) == (576, 30, 9, 3)
@@ -438,3 +436,101 @@ def test_cli_entry(gguf_file, tmp_path, capsys):
     assert load_file(str(out))["model.norm.weight"].dtype == np.float16
     assert main([str(tmp_path / "missing.gguf"), str(out)]) == 1
     assert "missing.gguf" in capsys.readouterr().err
+
+
+# -- a minillm file as SRC, and sources that are no Hugging Face folder
+
+def with_metadata(src: pathlib.Path, out: pathlib.Path, changes: dict) -> pathlib.Path:
+    """A copy of a safetensors file, written by the reference library, with metadata keys
+    changed (a value of None: the key removed)."""
+    with safe_open(str(src), "np") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta.update(changes)
+    save_file(tensors, str(out), metadata={k: v for k, v in meta.items() if v is not None})
+    return out
+
+
+def test_convert_a_minillm_file_again(hf_folder, tmp_path):
+    """A minillm file is a source like any other: converted again, e.g. to bfloat16, it keeps
+    its config, tokenizer and template, and its weights are rounded once."""
+    first = convert(hf_folder, tmp_path / "first.safetensors")
+    again = convert(first, tmp_path / "again.safetensors", dtype="bfloat16")
+    with safe_open(first, "np") as a, safe_open(again, "np") as b:
+        assert a.metadata() == b.metadata()
+    rounded = {k: v.to(torch.bfloat16) for k, v in load_torch(first).items()}
+    got = load_torch(again)
+    assert got.keys() == rounded.keys()
+    assert all(torch.equal(got[k], rounded[k]) for k in got)
+
+
+def test_a_folder_holding_a_minillm_file_as_model_safetensors(hf_folder, tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    convert(hf_folder, folder / "model.safetensors")  # no config.json beside: the file has one
+    out = convert(folder, tmp_path / "out.safetensors")
+    with safe_open(folder / "model.safetensors", "np") as a, safe_open(out, "np") as b:
+        assert a.metadata() == b.metadata()
+
+
+def test_sources_that_are_no_model_name_the_problem(gguf_file, hf_folder, tmp_path):
+    only_gguf = tmp_path / "only_gguf"
+    only_gguf.mkdir()
+    shutil.copy(gguf_file, only_gguf / "tiny.gguf")
+    with pytest.raises(ModelFileError) as e:
+        convert(only_gguf, tmp_path / "out.safetensors")
+    assert_one_line_message(e, "only_gguf", "no model.safetensors", "'tiny.gguf'", "give that file")
+
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(hf_folder / "model.safetensors", lone / "weights.safetensors")
+    with pytest.raises(ModelFileError) as e:
+        convert(lone / "weights.safetensors", tmp_path / "out.safetensors")
+    assert_one_line_message(e, "weights.safetensors", "config.json", "Hugging Face folder")
+    assert "minillm convert" not in str(e.value)  # what the user is running already
+
+    with pytest.raises(ModelFileError) as e:
+        convert(hf_folder / "config.json", tmp_path / "out.safetensors")
+    assert_one_line_message(e, "config.json", "not a model", "GGUF", "safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("minillm.tokenizer_config", '{"add_bos_token": tru', ["minillm.tokenizer_config", "not JSON"]),
+    ("minillm.tokenizer_config", "[1, 2]", ["minillm.tokenizer_config", "array, not an object"]),
+    ("minillm.tokenizer_config", '{"add_bos_token": "no"}', ["add_bos_token", "string"]),
+    ("minillm.tokenizer_config", '{"eos_token": 2}', ["eos_token", "number"]),
+    ("minillm.config", "{not json", ["minillm.config", "not JSON"]),
+    ("minillm.config", '"a string"', ["minillm.config", "string, not an object"]),
+    ("minillm.sentencepiece_b64", "not base64!", ["minillm.sentencepiece_b64", "base64"]),
+    ("minillm.format", "2", ["format '2'"]),
+])
+def test_corrupt_minillm_metadata_names_its_key(hf_folder, tmp_path, key, value, words):
+    good = convert(hf_folder, tmp_path / "good.safetensors")
+    bad = with_metadata(good, tmp_path / "bad.safetensors", {key: value})
+    with pytest.raises(ModelFileError) as e:
+        open_model(bad)
+    assert_one_line_message(e, "bad.safetensors", *words)
+    assert "config is not JSON" not in str(e.value)
+
+
+def _same_as_the_gguf_package(ours, theirs):
+    fields = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert {k: f.contents() for k, f in ours.fields.items()} == fields
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, [int(d) for d in t.shape]) for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name
+
+
+def test_gguf_file_reads_what_the_gguf_package_reads(tmp_path, hf_folder, bpe):
+    from minillm.formats.gguf_file import GGUFFile
+
+    q8 = write_gguf(tmp_path / "q8.gguf", hf_folder, bpe, qtype=gguf.GGMLQuantizationType.Q8_0)
+    _same_as_the_gguf_package(GGUFFile(q8), gguf.GGUFReader(str(q8)))
+
+
+@pytest.mark.real_model
+def test_gguf_file_reads_smollm2_as_the_gguf_package(smollm2_gguf_path, smollm2_gguf_reader):
+    from minillm.formats.gguf_file import GGUFFile
+
+    _same_as_the_gguf_package(GGUFFile(smollm2_gguf_path), smollm2_gguf_reader)

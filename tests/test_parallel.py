@@ -13,14 +13,6 @@ import minillm
 from minillm import parallel
 
 
-@pytest.fixture
-def two_workers():
-    before = parallel.workers()
-    parallel.set_workers(2)
-    yield
-    parallel.set_workers(before)
-
-
 def test_row_ranges_cover_in_order():
     for n in (1, 2, 7, 33, 512):
         for parts in (1, 2, 3, 8):

@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp): the only place that knows their tensor names, layouts and metadata keys.
 
-A Llama GGUF is read lazily under Hugging Face names and layouts, dequantized to float32 a block
-of rows at a time; its tokenizer is rebuilt as a tokenizer.json here rather than with
+A Llama GGUF (its container parsed by gguf_file) is read lazily under Hugging Face names and
+layouts, dequantized to float32 a block of rows at a time; every metadata value is checked for
+its type before use; its tokenizer is rebuilt as a tokenizer.json here rather than with
 transformers' GGUF conversion, which drops pre-tokenizer steps such as SmolLM2's digit split.
 """
 
@@ -15,6 +16,7 @@ import re
 import numpy as np
 
 from ..errors import ModelFileError, one_line
+from .gguf_file import GGUFFile
 from .hf_folder import normalize_tokenizer_config
 
 # GGUF tensor name -> Hugging Face name (blk.N.* are per layer)
@@ -75,28 +77,23 @@ class GGUFSource:
     stored_dtype = "GGUF (dequantized to F32)"
 
     def __init__(self, path):
-        import gguf
-
         self.path = str(path)
         self.name = os.path.basename(self.path)
-        try:
-            self._reader = gguf.GGUFReader(self.path)
-        except OSError as e:
-            reason = e.strerror or one_line(e)
-            raise ModelFileError(f"{self.name}: cannot read ({reason})") from None
-        except (ValueError, KeyError, IndexError, OverflowError, TypeError) as e:
-            raise ModelFileError(
-                f"{self.name}: not a GGUF file, or truncated or corrupt ({one_line(e)})") from None
-        arch = self._field("general.architecture")
+        self._reader = GGUFFile(self.path)
+        arch = self._field("general.architecture", "str")
         if arch != "llama":
             raise ModelFileError(f"{self.name}: unsupported architecture {arch!r}; "
                                  f"minillm runs Llama models only")
         self._tensors = self._map_tensors()
         self._check_quant_types()
         self.config = self._build_config()
+        _ = self._tokenizer  # a bad tokenizer too is refused on open, not mid-conversion
 
-    def _field(self, key: str, default=None):
-        return _field(self._reader, key, default)
+    def _field(self, key: str, kind: str, default=None):
+        try:
+            return _field(self._reader, key, kind, default)
+        except ModelFileError as e:
+            raise ModelFileError(f"{self.name}: {e}") from None
 
     def _map_tensors(self) -> dict:
         if any(t.name == "rope_freqs.weight" for t in self._reader.tensors):
@@ -125,7 +122,7 @@ class GGUFSource:
         try:
             return gguf.quants.dequantize(data, t.tensor_type)
         except (NotImplementedError, ValueError) as e:
-            raise ModelFileError(f"{self.name}: cannot dequantize tensor {t.name} of type "
+            raise ModelFileError(f"{self.name}: cannot dequantize tensor {t.name!r} of type "
                                  f"{t.tensor_type.name} ({one_line(e)})") from None
 
     def _dequantize_rows(self, t) -> np.ndarray:
@@ -140,12 +137,9 @@ class GGUFSource:
         return out
 
     def _int(self, key: str, required: bool = True) -> int | None:
-        v = self._field("llama." + key)
-        if v is None and not required:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int):
-            what = "lacks" if v is None else "has a non-integer"
-            raise ModelFileError(f"{self.name}: the GGUF metadata {what} llama.{key}")
+        v = self._field("llama." + key, "int")
+        if v is None and required:
+            raise ModelFileError(f"{self.name}: the GGUF metadata lacks llama.{key}")
         return v
 
     def _build_config(self) -> dict:
@@ -156,7 +150,7 @@ class GGUFSource:
             if v is not None:
                 cfg[hf] = v
         for hf, key in _GGUF_FLOAT_KEYS.items():
-            v = self._field("llama." + key)
+            v = self._field("llama." + key, "number")
             if v is not None:
                 cfg[hf] = _f32(v)
         head_dim = self._head_dim()
@@ -166,7 +160,7 @@ class GGUFSource:
         cfg["rope_scaling"] = self._rope_scaling()
         cfg["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
         for key in ("bos_token_id", "eos_token_id"):
-            v = self._field("tokenizer.ggml." + key)
+            v = self._field("tokenizer.ggml." + key, "int")
             if v is not None:
                 cfg[key] = v
         return cfg
@@ -184,24 +178,24 @@ class GGUFSource:
         v = self._int("vocab_size", required=False)
         if v is not None:
             return v
-        tokens = self._reader.get_field("tokenizer.ggml.tokens")
+        tokens = self._field("tokenizer.ggml.tokens", "strings")
         if tokens is not None:
-            return len(tokens.data)
+            return len(tokens)
         if "model.embed_tokens.weight" in self._tensors:
             return self.shape("model.embed_tokens.weight")[0]
         raise ModelFileError(f"{self.name}: no vocabulary size, token list or token_embd.weight")
 
     def _rope_scaling(self) -> dict | None:
-        kind = self._field("llama.rope.scaling.type")
+        kind = self._field("llama.rope.scaling.type", "str")
         if kind in (None, "none"):
             return None
         if kind != "linear":
             raise ModelFileError(f"{self.name}: unsupported rope scaling type {kind!r} "
                                  f"(supported in GGUF: linear)")
-        factor = self._field("llama.rope.scaling.factor", 1.0)
+        factor = self._field("llama.rope.scaling.factor", "number", 1.0)
         return {"rope_type": "linear", "factor": _f32(factor)}
 
-    # -- tokenizer (built on first use: it is not needed to read the config or tensors)
+    # -- tokenizer (built once, on open: a bad one is refused before anything is written)
 
     @functools.cached_property
     def _tokenizer(self) -> tuple[str, dict]:
@@ -290,12 +284,13 @@ _IGNORES_MERGES = {"llama-bpe", "llama3"}  # Llama 3 looks whole words up in the
 
 
 def tokenizer_from_gguf(reader) -> tuple[str, dict]:
-    """(tokenizer.json text, tokenizer_config dict) of the tokenizer in a gguf.GGUFReader."""
-    kind = _field(reader, "tokenizer.ggml.model")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    """(tokenizer.json text, tokenizer_config dict) of the tokenizer in a GGUF file's metadata
+    (a gguf_file.GGUFFile, or the `gguf` package's GGUFReader)."""
+    kind = _field(reader, "tokenizer.ggml.model", "str")
+    tokens = _field(reader, "tokenizer.ggml.tokens", "strings")
     if kind is None or not tokens:
         raise ModelFileError("the GGUF file has no tokenizer (tokenizer.ggml.model/tokens missing)")
-    types = _field(reader, "tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    types = _field(reader, "tokenizer.ggml.token_type", "ints") or [_NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise ModelFileError(f"GGUF tokenizer: {len(tokens)} tokens but {len(types)} token types")
     if kind == "gpt2":
@@ -307,23 +302,45 @@ def tokenizer_from_gguf(reader) -> tuple[str, dict]:
     return json.dumps(tokenizer, ensure_ascii=False), _tokenizer_config(reader, tokens, kind)
 
 
-def _field(reader, name: str, default=None):
+# what a metadata value must be, for _field: (in words, the test)
+_KINDS = {
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "number": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "bool": ("a boolean", lambda v: isinstance(v, bool)),
+    "strings": ("an array of strings",
+                lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "ints": ("an array of integers", lambda v: isinstance(v, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in v)),
+    "numbers": ("an array of numbers", lambda v: isinstance(v, list) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)),
+}
+
+
+def _field(reader, name: str, kind: str, default=None):
+    """The value of metadata key `name`, refused unless it is of `kind` (see _KINDS)."""
     field = reader.fields.get(name)
-    return default if field is None else field.contents()
+    if field is None:
+        return default
+    value = field.contents()
+    what, is_kind = _KINDS[kind]
+    if not is_kind(value):
+        raise ModelFileError(f"the GGUF metadata {name} is not {what}")
+    return value
 
 
 def _tokenizer_config(reader, tokens: list[str], kind: str) -> dict:
     def token(key: str) -> str | None:
-        i = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        i = _field(reader, f"tokenizer.ggml.{key}_token_id", "int")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     # llama.cpp's default: SentencePiece models start with BOS, byte-level BPE ones do not.
-    add_bos = _field(reader, "tokenizer.ggml.add_bos_token", kind == "llama")
+    add_bos = _field(reader, "tokenizer.ggml.add_bos_token", "bool", kind == "llama")
     config = {"add_bos_token": bool(add_bos)}
     for key in ("bos", "eos"):
         if token(key) is not None:
             config[f"{key}_token"] = token(key)
-    template = _field(reader, "tokenizer.chat_template")
+    template = _field(reader, "tokenizer.chat_template", "str")
     if template is not None:
         config["chat_template"] = template
     return config
@@ -378,11 +395,11 @@ def _tokenizer_json(added, normalizer, pre_tokenizer, decoder, model) -> dict:
 
 
 def _byte_level_bpe(reader, tokens: list[str], types: list[int]) -> dict:
-    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    pre = _field(reader, "tokenizer.ggml.pre", "str", "default")
     if pre not in _PRE_TOKENIZERS:
         supported = ", ".join(sorted(_PRE_TOKENIZERS))
         raise ModelFileError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: {supported})")
-    merges = _field(reader, "tokenizer.ggml.merges")
+    merges = _field(reader, "tokenizer.ggml.merges", "strings")
     if not merges:
         raise ModelFileError("GGUF tokenizer: a gpt2 (byte-level BPE) model without "
                              "tokenizer.ggml.merges")
@@ -396,18 +413,18 @@ def _byte_level_bpe(reader, tokens: list[str], types: list[int]) -> dict:
 def _sentencepiece_bpe(reader, tokens: list[str], types: list[int]) -> dict:
     """The equivalent of Hugging Face's LlamaTokenizerFast (legacy) for a SentencePiece BPE
     vocabulary."""
-    scores = _field(reader, "tokenizer.ggml.scores")
+    scores = _field(reader, "tokenizer.ggml.scores", "numbers")
     if scores is None or len(scores) != len(tokens):
         raise ModelFileError("GGUF tokenizer: a llama (SentencePiece) model needs one score "
                              "per token")
-    unk_id = _field(reader, "tokenizer.ggml.unknown_token_id")
+    unk_id = _field(reader, "tokenizer.ggml.unknown_token_id", "int")
     unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
     if unk is None and "<unk>" in tokens:
         unk = "<unk>"
     merges = _merges_from_scores(tokens, types, scores)
     model = _bpe_model(tokens, merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
     normalizer = [{"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]
-    if _field(reader, "tokenizer.ggml.add_space_prefix", True):
+    if _field(reader, "tokenizer.ggml.add_space_prefix", "bool", True):
         normalizer.insert(0, {"type": "Prepend", "prepend": "▁"})
     decoder = {
         "type": "Sequence",

@@ -46,7 +46,8 @@ class HFFolderSource:
         index = _read_json(self.folder, "model.safetensors.index.json", required=False)
         if index is None:
             raise ModelFileError(f"{self.name}: no model.safetensors or "
-                                 f"model.safetensors.index.json in the folder")
+                                 f"model.safetensors.index.json in the folder"
+                                 f"{_other_models(self.folder)}")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise ModelFileError(f"{self.name}: model.safetensors.index.json has no weight_map")
@@ -74,6 +75,15 @@ class HFFolderSource:
 
     def tensor(self, name: str) -> np.ndarray:
         return self._where[name].tensor(name)
+
+
+def _other_models(folder: str) -> str:
+    """A hint naming the model files a folder holds under other names (a GGUF, a minillm file)."""
+    found = sorted(n for n in os.listdir(folder) if n.lower().endswith((".gguf", ".safetensors")))
+    if not found:
+        return ""
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return f"; it holds {found[0]!r}{more}: give that file as the model"
 
 
 @dataclass(frozen=True)

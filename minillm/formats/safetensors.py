@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from ..errors import ModelFileError
+from ..files import replace_atomically
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_DIM = 1 << 31
@@ -62,7 +63,7 @@ class SafetensorsFile:
             raise ModelFileError(f"{name}: cannot read ({e.strerror})") from None
         try:
             header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, nested past the parser's depth
             raise ModelFileError(f"{name}: corrupt safetensors header (not JSON)") from None
         if not isinstance(header, dict):
             raise ModelFileError(f"{name}: corrupt safetensors header")
@@ -79,15 +80,16 @@ class SafetensorsFile:
     @staticmethod
     def _check_entry(name, key, v, data_size):
         try:
-            dtype, shape, (begin, end) = v["dtype"], list(v["shape"]), v["data_offsets"]
-            ok = all(isinstance(s, int) and 0 <= s < MAX_DIM for s in shape)
+            dtype, shape, (begin, end) = v["dtype"], v["shape"], v["data_offsets"]
+            ok = isinstance(dtype, str) and isinstance(shape, list)
+            ok = ok and all(isinstance(s, int) and 0 <= s < MAX_DIM for s in shape)
             ok = ok and isinstance(begin, int) and isinstance(end, int)
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
             raise ModelFileError(f"{name}: corrupt header entry for tensor {key!r}")
         if dtype not in DTYPES:
-            raise ModelFileError(f"{name}: tensor {key!r} has unsupported dtype {dtype} "
+            raise ModelFileError(f"{name}: tensor {key!r} has unsupported dtype {dtype!r} "
                                  f"(supported: F32, F16, BF16)")
         nbytes = math.prod(shape) * DTYPES[dtype].itemsize
         if not 0 <= begin <= end <= data_size or end - begin != nbytes:
@@ -157,21 +159,15 @@ def write_safetensors(path: str, specs: Iterable[tuple[str, tuple[int, ...]]],
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the data start to 8 bytes
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name, shape in specs:
-                a = np.asarray(get(name), dtype=np.float32)
-                if a.shape != tuple(shape):
-                    raise ValueError(f"{name}: shape {a.shape} != declared {shape}")
-                if code == "BF16":
-                    a = f32_to_bf16_bits(a)
-                elif code == "F16":
-                    a = a.astype(np.float16)
-                f.write(np.ascontiguousarray(a).astype(DTYPES[code], copy=False).tobytes())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replace_atomically(path) as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape in specs:
+            a = np.asarray(get(name), dtype=np.float32)
+            if a.shape != tuple(shape):
+                raise ValueError(f"{name}: shape {a.shape} != declared {shape}")
+            if code == "BF16":
+                a = f32_to_bf16_bits(a)
+            elif code == "F16":
+                a = a.astype(np.float16)
+            f.write(np.ascontiguousarray(a).astype(DTYPES[code], copy=False).tobytes())
