@@ -16,10 +16,13 @@ from .common import (
     backend_options,
     load_model,
     model_argument,
+    on_sigterm_exit,
     progress_option,
     reports_errors,
     sampling_options,
     sampling_params,
+    top_k_middle_options,
+    top_k_middle_settings,
     write_stdout,
 )
 
@@ -41,8 +44,9 @@ ESCAPE = "start a message with // to send a line that begins with /"
 @click.option("--n-local", type=click.IntRange(min=1), default=None,
               help="Local window in tokens (default: the model's training length).")
 @click.option("-v", "--verbose", is_flag=True,
-              help="After each answer print tokens in the conversation, cache fill and "
-                   "prompt/generation tokens/s to stderr.")
+              help="After each answer print tokens in the conversation, cache fill, the "
+                   "middle store's size and prompt/generation tokens/s to stderr.")
+@top_k_middle_options()
 @sampling_options
 @progress_option
 @backend_options
@@ -60,6 +64,7 @@ def chat(model, system, attention, n_global, n_local, verbose, progress, backend
     to stdout, then the command exits (empty input: no output, exit 0).
     """
     params = sampling_params(kw)
+    top_k = top_k_middle_settings(kw)
     interactive = sys.stdin is not None and sys.stdin.isatty()
     message = None
     if not interactive:
@@ -67,15 +72,18 @@ def chat(model, system, attention, n_global, n_local, verbose, progress, backend
         if not message:
             return
     m = load_model(model, backend, threads)
+    if top_k["top_k_middle"]:
+        on_sigterm_exit()  # SIGTERM unwinds, so that the middle store is removed
     try:
         conversation = m.chat(system=system, attention=attention, n_global=n_global,
-                              n_local=n_local, **dataclasses.asdict(params))
+                              n_local=n_local, **top_k, **dataclasses.asdict(params))
     except ValueError as err:  # settings the session refuses, e.g. n_global > n_local
         raise click.UsageError(str(err)) from None
-    if not interactive:
-        stream_answer(conversation, message, verbose, progress, interactive=False)
-        return
-    repl(conversation, verbose, progress)
+    with conversation:
+        if not interactive:
+            stream_answer(conversation, message, verbose, progress, interactive=False)
+            return
+        repl(conversation, verbose, progress)
 
 
 def read_stdin() -> str:
@@ -114,7 +122,10 @@ def format_stats(s: dict) -> str:
 
     fill = ("unbounded" if s["cache_capacity"] is None
             else f"{s['cache_fill']:.1%} of {s['cache_capacity']} slots")
-    return (f"[conversation {s['tokens']} tokens | cache {fill}, {s['cache_bytes'] / 1e6:.1f} MB | "
+    middle = (f" | middle store {s['middle_bytes'] / 1e6:.1f} MB on disk"
+              if s.get("top_k_middle") else "")
+    return (f"[conversation {s['tokens']} tokens | cache {fill}, {s['cache_bytes'] / 1e6:.1f} MB"
+            f"{middle} | "
             f"prompt {s['prompt_tokens']} tokens at {rate(s['prompt_tps'])} tok/s | "
             f"generation {s['generated_tokens']} tokens at {rate(s['generation_tps'])} tok/s]")
 

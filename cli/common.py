@@ -15,6 +15,7 @@ import click
 
 import minillm
 from minillm.errors import MiniLLMError, WriteError
+from minillm.middle import DEFAULT_FROM_LAYER
 from minillm.parallel import usable_cores
 from minillm.sampling import SamplingParams
 
@@ -132,6 +133,40 @@ def sampling_params(kw: dict) -> SamplingParams:
         return SamplingParams(**{k: kw.pop(k) for k in keys})
     except ValueError as e:  # a combination the options alone cannot check
         raise click.UsageError(str(e)) from None
+
+
+def top_k_middle_options(default_k: int = 0):
+    """The top-k middle attention options (chat, generate, passkey)."""
+    def decorate(fn):
+        opts = [
+            click.option("--middle-dir", type=click.Path(exists=True, file_okay=False,
+                                                         writable=True, path_type=str),
+                         default=None,
+                         help="Folder for the middle store (a folder of its own is made in it "
+                              "and removed at the end) [default: the temporary folder]."),
+            click.option("--top-k-insert-at", type=click.IntRange(min=0), default=None,
+                         help="Distance the top-k middle keys are scored at "
+                              "[default: half the training length]."),
+            click.option("--top-k-from-layer", type=click.IntRange(min=0),
+                         default=DEFAULT_FROM_LAYER, show_default=True,
+                         help="First layer (zero-based) with top-k middle attention."),
+            click.option("--top-k-middle", type=click.IntRange(min=0), default=default_k,
+                         show_default=True,
+                         help="The last token of each prompt and every generated token also "
+                              "attend to the K best middle tokens (LM-Infinite's top-k; the "
+                              "paper uses 5); every token's keys and values of the top-k "
+                              "layers are kept on disk. 0: off."),
+        ]
+        for opt in opts:
+            fn = opt(fn)
+        return fn
+    return decorate
+
+
+def top_k_middle_settings(kw: dict) -> dict:
+    """The top-k options taken out of a command's keywords, as model.session() keywords."""
+    return {k: kw.pop(k) for k in ("top_k_middle", "top_k_from_layer", "top_k_insert_at",
+                                   "middle_dir")}
 
 
 PROGRESS_EVERY_S = 0.5

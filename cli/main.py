@@ -22,8 +22,11 @@ from .common import (
     sampling_options,
     sampling_params,
     setup_process,
+    top_k_middle_options,
+    top_k_middle_settings,
     write_stdout,
 )
+from .passkey import passkey
 from .score import score
 
 
@@ -41,6 +44,7 @@ def cli():
 @model_argument
 @click.option("-p", "--prompt", required=True, help="The text to continue (special tokens such as "
               "<|im_start|> are parsed).")
+@top_k_middle_options()
 @sampling_options
 @progress_option
 @backend_options
@@ -50,11 +54,18 @@ def generate(model, prompt, progress, backend, threads, **kw):
     if not prompt:
         raise click.BadParameter("the prompt is empty", param_hint="'-p' / '--prompt'")
     params = sampling_params(kw)
+    top_k = top_k_middle_settings(kw)
     m = load_model(model, backend, threads)
     ids = m.tokenizer.encode(prompt, special=True)
-    session = m.session()
-    for piece in generate_text(m, session, ids, params, progress=PromptProgress(progress)):
-        write_stdout(piece)
+    if top_k["top_k_middle"]:
+        on_sigterm_exit()  # SIGTERM unwinds, so that the middle store is removed
+    try:
+        session = m.session(**top_k)
+    except ValueError as err:  # e.g. --top-k-from-layer past the model's layers
+        raise click.UsageError(str(err)) from None
+    with session:
+        for piece in generate_text(m, session, ids, params, progress=PromptProgress(progress)):
+            write_stdout(piece)
     write_stdout("\n")
 
 
@@ -97,6 +108,7 @@ def convert(src, out, dtype):
 
 cli.add_command(_chat)
 cli.add_command(score)
+cli.add_command(passkey)
 
 
 @cli.command()

@@ -171,13 +171,15 @@ def plan_chunk(spec: AttentionSpec, cache: KVCache, positions: np.ndarray, n_hea
 
 
 def attend(q: Array, q_capped: Array | None, k: Array, v: Array, cache: KVCache, layer: int,
-           plan: ChunkPlan, work: Workspace) -> Array:
+           plan: ChunkPlan, work: Workspace, last_lse: Array | None = None) -> Array:
     """Attention output [C, n_heads * head_dim] for one layer.
 
     q:        [kv_heads, C, group, d]  queries rotated at their positions, pre-scaled by
               1/sqrt(d); query head h = kv_head * group + g
     q_capped: the same, rotated at the ceiling c, or None
     k, v:     [kv_heads, C, d] the chunk's keys (rotated) and values
+    last_lse: [kv_heads, group] or None: receives the log-sum-exp of the last query's scores,
+              so that more keys can join its softmax afterwards (top-k middle attention)
 
     A block's scores are one [kv_heads, block * group, cache slots | chunk keys] array in the
     workspace, so the mask, max, exp and sum each make one pass over both parts.
@@ -206,9 +208,12 @@ def attend(q: Array, q_capped: Array | None, k: Array, v: Array, cache: KVCache,
             if blk.bias is not None:
                 s4[..., blk.bias_lo:blk.bias_lo + blk.bias.shape[1]] += blk.bias[:, None]
             # softmax over [cache | chunk] keys; the 1/sum is applied to the output rows
-            s -= s.max(axis=-1, keepdims=True)
+            top = s.max(axis=-1, keepdims=True)
+            s -= top
             xp.exp(s, out=s)
             z = s.sum(axis=-1, keepdims=True)                              # [kv, rows, 1]
+            if last_lse is not None and b == n_q:  # the last query's rows are the last group
+                last_lse[...] = (top + xp.log(z))[:, -group:, 0]
             o = s[..., n:] @ v[:, lo:b]                                    # [kv, rows, d]
             if n:
                 o += s[..., :n] @ v_cache[:, :n]

@@ -58,10 +58,14 @@ def workspace_bytes(cfg: Config, n_global: int, xp=np) -> int:
     return scores + 4 * (NLL_ROWS * cfg.vocab_size + TYPICAL_CHUNK * per_token + staged_globals)
 
 
-def session_bytes(cfg: Config, n_global: int, n_local: int | None, xp=np) -> int:
+def session_bytes(cfg: Config, n_global: int, n_local: int | None, xp=np,
+                  middle_layers: int = 0) -> int:
     """The memory a new session takes: its cache and its workspace (`minillm info` reports it
-    too). The unbounded `full` preset grows past this."""
-    return cache_bytes(cfg, n_global, n_local) + workspace_bytes(cfg, n_global, xp)
+    too). The unbounded `full` preset grows past this. middle_layers: the layers top-k middle
+    attention stores (their un-rotated keys are staged too; the store itself is on disk)."""
+    staged_middle = 4 * TYPICAL_CHUNK * middle_layers * cfg.n_kv_heads * cfg.head_dim
+    return cache_bytes(cfg, n_global, n_local) + workspace_bytes(cfg, n_global, xp) + \
+        staged_middle
 
 
 def available_bytes(xp=np) -> int | None:
@@ -210,6 +214,30 @@ class KVCache:
     def reset(self) -> None:
         self.pos[:] = EMPTY
         self.length = 0
+
+    def mark(self, n_tokens: int) -> dict:
+        """Host copies of what feeding the next n_tokens positions overwrites (their slots as
+        they are now, and the length): rewind() puts them back, bit for bit."""
+        ahead = np.arange(self.length, self.length + n_tokens, dtype=np.int64)
+        slots = np.unique(self.slot_of(ahead))
+        slots = slots[slots < self.n_slots]  # the unbounded cache's slots beyond are unused
+        return {"length": self.length, "n_slots": self.n_slots, "slots": slots,
+                "k": to_host(self.k[..., slots]).copy(), "v": to_host(self.v[:, :, slots]).copy(),
+                "k_raw": to_host(self.k_raw).copy(), "pos": self.pos[slots].copy(),
+                "end": self.length + n_tokens}
+
+    def rewind(self, mark: dict) -> None:
+        """Back to mark(n) after feeding at most n tokens."""
+        if self.length > mark["end"] or self.length < mark["length"]:
+            raise ValueError(f"the cache moved from {mark['length']} to {self.length}: more "
+                             f"than the {mark['end'] - mark['length']} tokens its mark covers")
+        slots = mark["slots"]
+        self.k[..., slots] = to_device(self.xp, mark["k"])
+        self.v[:, :, slots] = to_device(self.xp, mark["v"])
+        self.k_raw[...] = to_device(self.xp, mark["k_raw"])
+        self.pos[slots] = mark["pos"]
+        self.pos[mark["n_slots"]:] = EMPTY  # slots the unbounded cache grew since
+        self.length = mark["length"]
 
     def used_slots(self) -> dict[str, np.ndarray]:
         """Host copies of the slots in use, keys as [layers, kv_heads, slots, d] (checkpoints)."""

@@ -18,6 +18,7 @@ from datetime import datetime
 
 from .errors import MiniLLMError, one_line
 from .generate import generate_ids
+from .middle import DEFAULT_FROM_LAYER
 from .sampling import SamplingParams
 
 # Used when the model file carries no chat template (base models, tiny test models).
@@ -156,12 +157,16 @@ class Chat:
     """A conversation with a model: `for piece in chat.send("hello"): print(piece, end="")`."""
 
     def __init__(self, model, system: str | None = None, attention: str = "lminfinite",
-                 n_global: int | None = None, n_local: int | None = None, **sampling):
+                 n_global: int | None = None, n_local: int | None = None, *,
+                 top_k_middle: int = 0, top_k_from_layer: int = DEFAULT_FROM_LAYER,
+                 top_k_insert_at: int | None = None, middle_dir=None, **sampling):
         self.model = model
         self.tokenizer = model.tokenizer
         self.params = SamplingParams(**sampling)
         self.system = system
-        self.session = model.session(attention, n_global, n_local)
+        self.session = model.session(attention, n_global, n_local, top_k_middle=top_k_middle,
+                                     top_k_from_layer=top_k_from_layer,
+                                     top_k_insert_at=top_k_insert_at, middle_dir=middle_dir)
         if model.chat_template:
             self.template, self.stop_text = ChatTemplate(model.chat_template, self.tokenizer), ()
         else:
@@ -187,6 +192,17 @@ class Chat:
     def render(self, messages: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
         return self.template.render(self.conversation() if messages is None else messages,
                                     add_generation_prompt)
+
+    def close(self) -> None:
+        """End the conversation: its session's middle store (top-k) is removed."""
+        self._close_active()
+        self.session.close()
+
+    def __enter__(self) -> Chat:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays) and empty the cache."""
@@ -283,7 +299,9 @@ class Chat:
         last = self._last
         out = dict(tokens=position, cache_capacity=capacity,
                    cache_fill=min(position, capacity) / capacity if capacity else None,
-                   cache_bytes=self.session.nbytes, prompt_tokens=last.get("prompt_tokens", 0),
+                   cache_bytes=self.session.nbytes, middle_bytes=self.session.middle_bytes,
+                   top_k_middle=self.session.top_k is not None,
+                   prompt_tokens=last.get("prompt_tokens", 0),
                    generated_tokens=last.get("generated_tokens", 0),
                    prompt_tps=None, generation_tps=None)
         if last.get("prompt_seconds"):

@@ -6,6 +6,7 @@ import math
 
 from .attention import attention_spec
 from .cache import cache_bytes, session_bytes
+from .middle import store_bytes_per_token
 
 
 def parameter_count(cfg) -> int:
@@ -51,6 +52,10 @@ def model_info(model) -> dict:
         "weights_mb_float32": round(weights_mb, 1),
         "default_cache_mb": round(cache_mb, 1),
         "memory_needed_mb": round(weights_mb + session_mb, 1),
+        # top-k middle attention (off by default) keeps every token's keys and values of the
+        # layers from 4 up on disk, float16
+        "middle_store_bytes_per_token": round(store_bytes_per_token(cfg)),
+        "middle_store_gb_per_1m_tokens": round(store_bytes_per_token(cfg) * 1e6 / 1e9, 2),
         "tokenizer_vocab": model.tokenizer.vocab_size,
         "add_bos": model.tokenizer.add_bos,
         "chat_template": bool(model.chat_template),

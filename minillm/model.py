@@ -18,6 +18,8 @@ from .attention import AttentionSpec, ChunkPlan
 from .backend import Array
 from .cache import KVCache, StagedChunk
 from .config import Config
+from .errors import MiniLLMError
+from .middle import MiddleAttention
 from .rope import apply_rope, cos_sin
 from .weights import LayerWeights, Weights
 from .workspace import Workspace
@@ -82,6 +84,8 @@ class Chunk:
     rot: Rotations
     rows: list[slice]
     xp: ModuleType  # numpy or cupy
+    middle: MiddleAttention | None = None  # top-k middle attention's store, or None (off)
+    top_k_last: bool = False  # the chunk's last query attends to the top-k middle keys
 
     def __post_init__(self):
         cfg, n = self.cfg, len(self.plan.positions)
@@ -106,6 +110,10 @@ class Chunk:
         self.staged = StagedChunk(buf("staged_k", (layers, n_kv, n, d), n),
                                   buf("staged_v", (layers, n_kv, n, d), n),
                                   k_raw if n_g else None)
+        if self.middle is not None:  # the stored layers' un-rotated keys, for the store
+            stored = self.middle.n_layers
+            self.staged_middle_k = buf("staged_middle_k", (stored, n_kv, n, d), n)
+            self.last_lse = buf("top_k_lse", (n_kv, n_h // n_kv), None)
 
     def k_rot(self, layer: int) -> Array:
         """This layer's rotated keys [K, C, d]: its slice of the staged keys."""
@@ -135,11 +143,21 @@ def attention_input(rows: slice, x: Array, lw: LayerWeights, layer: int, c: Chun
 
 
 def attend(layer: int, c: Chunk) -> Array:
-    """The chunk's attention output over [cache | chunk]; the cache is only read."""
+    """The chunk's attention output over [cache | chunk]; the cache is only read. With top-k
+    middle attention on, the stored layers' un-rotated keys are staged for the store, and the
+    chunk's last query (when it is a feed call's last token) adds its top-k middle keys."""
     q_capped = apply_rope(c.q, *c.rot.q_capped, c.xp) if c.plan.needs_capped else None
-    a = attention.attend(c.q_rot, q_capped, c.k_rot(layer), c.v, c.cache, layer, c.plan, c.work)
+    stored = c.middle is not None and c.middle.stores(layer)
+    lse = c.last_lse if stored and c.top_k_last else None
+    a = attention.attend(c.q_rot, q_capped, c.k_rot(layer), c.v, c.cache, layer, c.plan, c.work,
+                         last_lse=lse)
     if c.staged.k_raw is not None:
         c.staged.k_raw[layer] = c.k[:, c.plan.write.global_rows]
+    if stored:
+        c.staged_middle_k[layer - c.middle.first_layer] = c.k
+        if lse is not None:
+            c.middle.attend_last_row(layer, int(c.plan.positions[-1]), c.q[:, -1], a[-1], lse,
+                                     c.xp)
     return a
 
 
@@ -154,19 +172,22 @@ def mlp_residual(rows: slice, x: Array, lw: LayerWeights, c: Chunk) -> None:
 
 def forward(weights: Weights, cfg: Config, freq: np.ndarray, tokens: np.ndarray,
             positions: np.ndarray, spec: AttentionSpec, cache: KVCache, work: Workspace,
-            stop: Callable[[], bool] | None = None) -> Array:
+            stop: Callable[[], bool] | None = None, middle: MiddleAttention | None = None,
+            top_k_last: bool = False) -> Array:
     """Final-normed hidden states [C, D] for a chunk; the cache advances past it.
 
     See forward_staged; this commits the chunk at once.
     """
-    h, commit = forward_staged(weights, cfg, freq, tokens, positions, spec, cache, work, stop)
+    h, commit = forward_staged(weights, cfg, freq, tokens, positions, spec, cache, work, stop,
+                               middle, top_k_last)
     commit()
     return h
 
 
 def forward_staged(weights: Weights, cfg: Config, freq: np.ndarray, tokens: np.ndarray,
                    positions: np.ndarray, spec: AttentionSpec, cache: KVCache, work: Workspace,
-                   stop: Callable[[], bool] | None = None) -> tuple[Array, Callable[[], None]]:
+                   stop: Callable[[], bool] | None = None, middle: MiddleAttention | None = None,
+                   top_k_last: bool = False) -> tuple[Array, Callable[[], None]]:
     """(final-normed hidden states [C, D] for a chunk, the call that commits it to the cache).
 
     Until that call the cache is only read: an exception before it (ChunkAbandoned when
@@ -174,12 +195,22 @@ def forward_staged(weights: Weights, cfg: Config, freq: np.ndarray, tokens: np.n
     exactly as it was. freq: RoPE inverse frequencies (float64). No query of the chunk may be
     n_local or more past a global key of the same chunk (see attention.plan_chunk); the
     session splits so.
+
+    middle: top-k middle attention (minillm.middle): the commit also appends the chunk to its
+    store, which must hold every position before the chunk; top_k_last: the chunk's last
+    query attends to its top-k middle keys too (the chunk must be at most n_local long, so
+    that its middle is all in the store).
     """
     xp = work.xp
+    if middle is not None and middle.store.length != positions[0]:
+        raise MiniLLMError(f"the middle store holds {middle.store.length} positions but the "
+                           f"chunk starts at {positions[0]}: tokens reached the session "
+                           "without it (a session with top-k middle attention cannot be batched)")
     n_parts = parallel.parts_for(len(positions), xp)
     plan = attention.plan_chunk(spec, cache, positions, cfg.n_heads, xp, n_parts)
     rot = Rotations(positions, freq, spec.ceiling, cfg.head_dim, xp)
-    chunk = Chunk(cfg, cache, work, plan, rot, parallel.row_ranges(len(positions), n_parts), xp)
+    chunk = Chunk(cfg, cache, work, plan, rot, parallel.row_ranges(len(positions), n_parts), xp,
+                  middle, top_k_last and middle is not None)
     x = xp.asarray(weights.embed[tokens])                                 # [C, D], a fresh copy
     with parallel.chunk_threads(n_parts):
         for layer, lw in enumerate(weights.layers):
@@ -187,7 +218,14 @@ def forward_staged(weights: Weights, cfg: Config, freq: np.ndarray, tokens: np.n
                 raise ChunkAbandoned(f"abandoned before layer {layer}")
             x = block(x, lw, layer, chunk)
     h = rms_norm(x, weights.norm, cfg.rms_norm_eps, xp)
-    return h, functools.partial(cache.commit, plan.write, chunk.staged)
+    if middle is None:
+        return h, functools.partial(cache.commit, plan.write, chunk.staged)
+
+    def commit() -> None:  # the store first: if it cannot be written, the cache stays as it was
+        first = middle.first_layer
+        middle.store.append(chunk.staged_middle_k, chunk.staged.v[first:])
+        cache.commit(plan.write, chunk.staged)
+    return h, commit
 
 
 def lm_head(h: Array, weights: Weights) -> Array:

@@ -24,6 +24,7 @@ from .backend import Array, to_host
 from .cache import KVCache, available_bytes, check_memory, out_of_memory, session_bytes
 from .config import is_int
 from .errors import MiniLLMError
+from .middle import DEFAULT_FROM_LAYER, MiddleAttention, top_k_settings
 from .model import ChunkAbandoned, forward_staged, lm_head
 from .workspace import NLL_ROWS, Workspace
 
@@ -183,12 +184,22 @@ def _nll_of_rows(states: Array, targets: Array, lm_head_w: Array, logits_rows: A
 
 
 class Session:
+    """Feeding tokens and reading logits; with top_k_middle > 0 the session also keeps every
+    token's keys and values of the upper layers in a store on disk (minillm.middle), removed
+    by close() (sessions are context managers), garbage collection or the interpreter's exit."""
+
     def __init__(self, model, attention: str = "lminfinite", n_global: int | None = None,
-                 n_local: int | None = None, ceiling: int | None = None):
+                 n_local: int | None = None, ceiling: int | None = None, *,
+                 top_k_middle: int = 0, top_k_from_layer: int = DEFAULT_FROM_LAYER,
+                 top_k_insert_at: int | None = None, middle_dir=None,
+                 middle_dtype: str = "float16"):
         cfg = model.config
         self.model = model
         self.spec: AttentionSpec = attention_spec(cfg, attention, n_global, n_local, ceiling)
-        need = session_bytes(cfg, self.spec.n_global, self.spec.n_local, model.xp)
+        self.top_k = top_k_settings(cfg, self.spec, top_k_middle, top_k_from_layer,
+                                    top_k_insert_at)
+        middle_layers = cfg.num_hidden_layers - self.top_k.from_layer if self.top_k else 0
+        need = session_bytes(cfg, self.spec.n_global, self.spec.n_local, model.xp, middle_layers)
         check_memory(need, model.xp)  # one clear line, not a MemoryError from deep in NumPy
         if self.spec.preset == "full":
             warnings.warn("attention 'full' keeps every key: memory and time per token grow "
@@ -203,6 +214,31 @@ class Session:
         except MemoryError:  # CuPy's OutOfMemoryError too
             raise out_of_memory(need, available_bytes(model.xp), model.xp) from None
         self.last_hidden = None  # [D] final hidden state of the newest token: predicts the next
+        self.middle = None if self.top_k is None else MiddleAttention(
+            cfg, model.freq, self.spec, self.top_k, middle_dir, middle_dtype)
+
+    # --- the middle store's life -----------------------------------------------------------
+    def close(self) -> None:
+        """Remove the middle store (nothing else to release); feeding a closed session with
+        top-k middle attention is an error."""
+        if self.middle is not None:
+            self.middle.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def middle_dir(self) -> str | None:
+        """The folder of the middle store (None: top-k middle attention is off)."""
+        return self.middle.store.path if self.middle is not None else None
+
+    @property
+    def middle_bytes(self) -> int:
+        """Bytes the middle store takes on disk (0 when off)."""
+        return self.middle.store.disk_bytes() if self.middle is not None else 0
 
     @property
     def position(self) -> int:
@@ -213,16 +249,35 @@ class Session:
     def nbytes(self) -> int:
         """Bytes of every array the session holds (constant for bounded presets)."""
         last = self.last_hidden.nbytes if self.last_hidden is not None else 0
-        return self.cache.nbytes + self.workspace.nbytes + last
+        middle = self.middle.store.nbytes if self.middle is not None else 0
+        return self.cache.nbytes + self.workspace.nbytes + last + middle
 
     def reset(self) -> None:
         self.cache.reset()
         self.last_hidden = None
+        if self.middle is not None:
+            self.middle.store.reset()
 
-    def _chunks(self, n: int, chunk_size: int):
+    def mark(self, n_tokens: int) -> dict:
+        """What feeding the next n_tokens overwrites (a few cache slots, the newest hidden
+        state, the middle store's length): rewind(mark) after feeding at most that many puts
+        the session back exactly, so that two continuations of one prefix share its work."""
+        last = self.last_hidden.copy() if self.last_hidden is not None else None
+        middle = self.middle.store.mark() if self.middle is not None else None
+        return {"cache": self.cache.mark(n_tokens), "last_hidden": last, "middle": middle}
+
+    def rewind(self, mark: dict) -> None:
+        self.cache.rewind(mark["cache"])
+        self.last_hidden = mark["last_hidden"]
+        if self.middle is not None:
+            self.middle.store.rewind(mark["middle"])
+
+    def _chunks(self, n: int, chunk_size: int, top_k_last: bool = False):
         """[start, stop) row ranges of at most chunk_size; one that holds global positions
         (below n_global) and is longer than n_local ends at n_global, so that no query of a
-        chunk is n_local or more past one of the chunk's own global keys (attention.plan_chunk)."""
+        chunk is n_local or more past one of the chunk's own global keys (attention.plan_chunk).
+        top_k_last: the last chunk is at most n_local long, so that the middle of its last
+        query is all in the middle store."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1 (got {chunk_size})")
         start, g, n_local = 0, self.spec.n_global - self.position, self.spec.n_local
@@ -230,6 +285,8 @@ class Session:
             stop = min(n, start + chunk_size)
             if start < g < stop and n_local is not None and stop - start > n_local:
                 stop = g
+            if top_k_last and stop == n and stop - start > n_local:
+                stop = n - n_local
             yield start, stop
             start = stop
 
@@ -244,14 +301,19 @@ class Session:
         0.1 s, slowing the split chunks that follow (see parallel)."""
         return parallel.chunk_threads(parallel.parts_for(n_tokens, self.model.xp))
 
-    def _advance(self, ids: np.ndarray, chunk_size: int):
-        """Run the model over ids chunk by chunk, yielding (start, stop, hidden [C, D])."""
+    def _advance(self, ids: np.ndarray, chunk_size: int, top_k_last: bool = False):
+        """Run the model over ids chunk by chunk, yielding (start, stop, hidden [C, D]);
+        top_k_last: the last id's query attends to the top-k middle keys too."""
         m = self.model
-        for a, b in self._chunks(len(ids), chunk_size):
+        top_k_last = top_k_last and self.middle is not None
+        if self.middle is not None and self.middle.store.closed:
+            raise ValueError("the session is closed (its middle store was removed)")
+        for a, b in self._chunks(len(ids), chunk_size, top_k_last):
             positions = np.arange(self.position, self.position + b - a, dtype=np.int64)
             with _ChunkSignals() as signals:
                 h, commit = forward_staged(m.weights, m.config, m.freq, ids[a:b], positions,
-                                           self.spec, self.cache, self.workspace, signals.stop)
+                                           self.spec, self.cache, self.workspace, signals.stop,
+                                           self.middle, top_k_last and b == len(ids))
                 signals.hold()  # the commit, a few copies, is never cut halfway
                 commit()
                 self.last_hidden = h[-1].copy()  # not a view: do not keep the chunk alive
@@ -262,10 +324,13 @@ class Session:
 
     @_quiet_float_errors
     def feed(self, ids, chunk_size: int = 512, logits: str = "all",
-             progress: Callable[[int, int], None] | None = None):
+             progress: Callable[[int, int], None] | None = None, top_k_middle: bool = True):
         """Advance by ids; return host float32 logits: [len(ids), V], [V] or None.
 
-        progress(fed, total) is called after each chunk (a long prompt's sign of life)."""
+        progress(fed, total) is called after each chunk (a long prompt's sign of life).
+        With top-k middle attention on, the last id's query also attends to its top-k middle
+        keys (as LM-Infinite's last query of each forward call); top_k_middle=False feeds it
+        as every other token (the store still records it)."""
         if logits not in LOGITS_MODES:
             raise ValueError(f"logits must be one of {LOGITS_MODES} (got {logits!r})")
         ids = self._ids(ids)
@@ -273,7 +338,7 @@ class Session:
         vocab = self.model.config.vocab_size
         out = np.empty((len(ids), vocab), np.float32) if logits == "all" else None
         with self._threads(len(ids)):
-            for a, b, h in self._advance(ids, chunk_size):
+            for a, b, h in self._advance(ids, chunk_size, top_k_middle):
                 if logits == "all":
                     def logits_of(r, a=a, h=h):
                         out[a + r.start:a + r.stop] = to_host(lm_head(h[r], self.model.weights))
@@ -322,6 +387,9 @@ class Session:
     def save(self, path: str) -> None:
         """Write the session to `path` atomically (only the cache slots in use)."""
         from .checkpoint import write_checkpoint
+        if self.middle is not None:
+            raise MiniLLMError("a session with top-k middle attention cannot be saved (its "
+                               "middle store is not part of a checkpoint)")
         write_checkpoint(path, self)
 
     @classmethod
