@@ -28,6 +28,7 @@ from .common import (
 )
 from .passkey import passkey
 from .score import score
+from .serve import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -108,6 +109,7 @@ def convert(src, out, dtype):
 
 cli.add_command(_chat)
 cli.add_command(score)
+cli.add_command(serve)
 cli.add_command(passkey)
 
 
