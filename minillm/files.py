@@ -91,7 +91,8 @@ def _temporary(path: str) -> str:
     return f"{path}{TMP_SUFFIX}{os.getpid()}"
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id exists (one we may not signal counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -105,7 +106,7 @@ def remove_stale_temporaries(path: str) -> None:
     """Remove `PATH.tmpPID` files left by runs that were killed (their process is gone)."""
     for tmp in glob.glob(glob.escape(path) + TMP_SUFFIX + "*"):
         pid = tmp[len(path) + len(TMP_SUFFIX):]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 

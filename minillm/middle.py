@@ -41,6 +41,7 @@ import numpy as np
 from .backend import Array, to_host
 from .config import Config, is_int
 from .errors import MiniLLMError, WriteError
+from .files import process_alive
 from .rope import apply_rope, cos_sin
 
 BLOCK = 64          # tokens per block of bounds
@@ -98,21 +99,11 @@ def store_bytes_per_token(cfg: Config, from_layer: int = DEFAULT_FROM_LAYER,
 
 # --- the store's folder: removed by close(), garbage collection and the interpreter's exit ----
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
 def remove_stale_stores(parent: str) -> None:
     """Remove the stores that killed processes (SIGKILL, a power cut) left in `parent`."""
     for path in glob.glob(os.path.join(glob.escape(parent), STORE_PREFIX + "*")):
         pid = os.path.basename(path)[len(STORE_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -500,9 +500,13 @@ def test_one_failing_job_does_not_disturb_the_others(tiny_model):
     greedy = SamplingParams(temperature=0, max_tokens=30)
     _, alone, done = run_job(engine, [5, 6, 7, 8], greedy)
     assert done.wait(TIMEOUT)
+
+    class NoRandomness(SamplingParams):
+        def rng(self):
+            return None  # sampling at a temperature raises AttributeError
+
     _, ok, ok_done = run_job(engine, [5, 6, 7, 8], greedy)
-    bad_job, bad, bad_done = run_job(engine, [9, 10], SamplingParams(max_tokens=30))
-    bad_job.rng = None  # sampling at a temperature now raises AttributeError
+    _, bad, bad_done = run_job(engine, [9, 10], NoRandomness(max_tokens=30))
     assert ok_done.wait(TIMEOUT) and bad_done.wait(TIMEOUT)
     assert isinstance(bad[-1], Failed) and "AttributeError" in bad[-1].message
     assert ok == alone
