@@ -25,15 +25,13 @@ from . import attention, parallel
 from .attention import ChunkPlan
 from .backend import Array, to_host
 from .cache import StagedChunk
+from .decode import Step, forward_one, weight_product
 from .model import Rotations, attention_input, attention_residual, mlp_residual, rms_norm
 from .rope import apply_rope, cos_sin
 from .session import Session, as_token_ids
 from .workspace import Workspace
 
 FEW_ROWS = 32  # a batch of 2 to this many rows takes _BlockedProducts (NumPy only)
-# a block of BLOCK_ELEMENTS = rows x block rows x K stays within OpenBLAS's direct kernel
-BLOCK_ELEMENTS = 640 * 1024
-BLOCK_ROWS_MIN = 16
 
 
 @dataclass
@@ -47,15 +45,9 @@ class _Member:
 
 
 class _BlockedProducts:
-    """NumPy, except that a weight product `matmul(x, W.T)` of a few rows x is computed in
-    blocks of W's rows.
-
-    BLAS multiplies a few rows by a large matrix poorly: OpenBLAS's GEMM first copies all of W
-    into its packed layout (eight rows cost about four GEMVs), while a block of W small enough
-    for its small-matrix kernel is read from memory once for all the rows: eight rows then
-    cost about 1.8 GEMVs of SmolLM2's weights. The blocks run on the calling thread: split
-    over two threads they were slower on a 2-core machine (BENCHMARKS.md, issue 13).
-    """
+    """NumPy, except that a weight product `matmul(x, W.T)` of a few rows x is
+    decode.weight_product: W read in row blocks once for all the rows, on the calling thread
+    (split over two threads the blocks were slower on a 2-core machine; BENCHMARKS.md)."""
 
     def __getattr__(self, name):
         return getattr(np, name)
@@ -64,12 +56,7 @@ class _BlockedProducts:
     def matmul(x, w_t, out=None):
         if out is None or x.ndim != 2 or w_t.ndim != 2:
             return np.matmul(x, w_t, out=out)
-        w = w_t.T  # [O, K]: the weight as stored, row blocks contiguous
-        step = max(BLOCK_ROWS_MIN,
-                   BLOCK_ELEMENTS // (len(x) * w.shape[1]) // BLOCK_ROWS_MIN * BLOCK_ROWS_MIN)
-        for a in range(0, w.shape[0], step):
-            np.matmul(x, w[a:a + step].T, out=out[:, a:a + step])
-        return out
+        return weight_product(x, w_t.T, out)
 
 
 class _Rows:
@@ -147,6 +134,9 @@ class Batch:
             piece = as_token_ids(piece, self.model.config.vocab_size)
             if not len(piece):
                 raise ValueError(f"session {i} has no ids to feed")
+            if s.middle is not None:
+                raise ValueError(f"session {i} has top-k middle attention, which a batch does "
+                                 "not keep (feed it alone)")
             if s.chunk_length(len(piece), len(piece)) != len(piece):
                 raise ValueError(f"session {i}: {len(piece)} ids cross its n_global and exceed "
                                  "n_local; feed at most session.chunk_length(n, n) at once")
@@ -157,6 +147,8 @@ class Batch:
         m, xp = self.model, self.model.xp
         cfg, weights = m.config, m.weights
         n = sum(len(piece) for piece in ids)
+        if xp is np and n == len(sessions):  # one token each: the decode step
+            return self._decode(sessions, np.concatenate(ids))
         # 2 to FEW_ROWS rows (decode steps): weight products in blocks; one row is a GEMV,
         # which BLAS threads best itself (as a session's decode step); many rows: the chunk's
         # own row split over the threads
@@ -182,6 +174,15 @@ class Batch:
         for mb, hidden in zip(members, h):
             mb.session.cache.commit(mb.plan.write, mb.staged)
             mb.session.last_hidden = hidden.copy()
+        return logits
+
+    def _decode(self, sessions: Sequence[Session], tokens: np.ndarray) -> np.ndarray:
+        h, commit = forward_one(sessions, tokens, Step(self.model, self.work, len(sessions)))
+        w = self.model.weights
+        logits = weight_product(h, w.lm_head, np.empty((len(h), w.lm_head.shape[0]), np.float32))
+        commit()
+        for s, hidden in zip(sessions, h):
+            s.last_hidden = hidden.copy()
         return logits
 
     def _members(self, sessions, ids, positions, rows: _Rows, n_parts: int) -> list[_Member]:

@@ -229,5 +229,7 @@ def forward_staged(weights: Weights, cfg: Config, freq: np.ndarray, tokens: np.n
 
 
 def lm_head(h: Array, weights: Weights) -> Array:
-    """Logits [C, V] from final hidden states [C, D]."""
+    """Logits [C, V] from final hidden states [C, D], or [V] from one state [D] (a GEMV)."""
+    if h.ndim == 1:
+        return weights.lm_head @ h
     return h @ weights.lm_head.T

@@ -21,8 +21,9 @@ import numpy as np
 from . import parallel
 from .attention import AttentionSpec, attention_spec
 from .backend import Array, to_host
-from .cache import KVCache, available_bytes, check_memory, out_of_memory, session_bytes
+from .cache import KVCache, StagedChunk, available_bytes, check_memory, out_of_memory, session_bytes
 from .config import is_int
+from .decode import Step, forward_one, rotation
 from .errors import MiniLLMError
 from .middle import DEFAULT_FROM_LAYER, MiddleAttention, top_k_settings
 from .model import ChunkAbandoned, forward_staged, lm_head
@@ -214,6 +215,8 @@ class Session:
         except MemoryError:  # CuPy's OutOfMemoryError too
             raise out_of_memory(need, available_bytes(model.xp), model.xp) from None
         self.last_hidden = None  # [D] final hidden state of the newest token: predicts the next
+        # the decode step's few buffers, made up front so that the session never grows
+        self._step = Step(model, self.workspace, 1) if model.xp is np else None
         self.middle = None if self.top_k is None else MiddleAttention(
             cfg, model.freq, self.spec, self.top_k, middle_dir, middle_dtype)
 
@@ -311,13 +314,37 @@ class Session:
         for a, b in self._chunks(len(ids), chunk_size, top_k_last):
             positions = np.arange(self.position, self.position + b - a, dtype=np.int64)
             with _ChunkSignals() as signals:
-                h, commit = forward_staged(m.weights, m.config, m.freq, ids[a:b], positions,
-                                           self.spec, self.cache, self.workspace, signals.stop,
-                                           self.middle, top_k_last and b == len(ids))
+                if b - a == 1 and self._step is not None:  # NumPy: the decode step
+                    h, commit = forward_one([self], ids[a:b], self._step, signals.stop,
+                                            top_k_last and b == len(ids))
+                else:
+                    h, commit = forward_staged(m.weights, m.config, m.freq, ids[a:b],
+                                               positions, self.spec, self.cache,
+                                               self.workspace, signals.stop, self.middle,
+                                               top_k_last and b == len(ids))
                 signals.hold()  # the commit, a few copies, is never cut halfway
                 commit()
                 self.last_hidden = h[-1].copy()  # not a view: do not keep the chunk alive
             yield a, b, h
+
+    # --- the decode step (minillm.decode) -------------------------------------------------
+    def staged_one(self) -> StagedChunk:
+        """Where the next single token's keys and values wait for the commit (the chunk
+        path's staging buffers, one row of them)."""
+        cfg, buf = self.model.config, self.workspace.buffer
+        shape = (cfg.num_hidden_layers, cfg.n_kv_heads, 1, cfg.head_dim)
+        k_raw = None
+        if self.position < self.spec.n_global:
+            k_raw = buf("staged_k_raw", (cfg.num_hidden_layers, cfg.n_kv_heads,
+                                         self.cache.n_global, cfg.head_dim), None)[:, :, :1]
+        return StagedChunk(buf("staged_k", shape, 1), buf("staged_v", shape, 1), k_raw)
+
+    @functools.cached_property
+    def capped_rotation(self) -> np.ndarray | None:
+        """The query rotation at the ceiling, pre-scaled (decode.rotation); None: no ceiling."""
+        if self.spec.ceiling is None:
+            return None
+        return rotation(self.spec.ceiling, self.model.freq, 1 / np.sqrt(self.model.config.head_dim))
 
     def _ids(self, ids) -> np.ndarray:
         return as_token_ids(ids, self.model.config.vocab_size)
@@ -348,7 +375,7 @@ class Session:
             if logits == "last":
                 if self.last_hidden is None:
                     raise ValueError("no token has been fed yet")
-                return to_host(lm_head(self.last_hidden[None], self.model.weights))[0]
+                return to_host(lm_head(self.last_hidden, self.model.weights))
         return out
 
     @_quiet_float_errors

@@ -31,7 +31,7 @@ SETTINGS = [  # (preset, n_global, n_local, ceiling); ceiling None = preset defa
 
 @pytest.mark.parametrize("name", ["gqa", "llama3_headdim_odd"])
 @pytest.mark.parametrize("preset,n_global,n_local,ceiling", SETTINGS)
-@pytest.mark.parametrize("chunk_size", [512, 3])
+@pytest.mark.parametrize("chunk_size", [512, 3, 1])
 def test_matches_dense_reference(tiny_dir, name, preset, n_global, n_local, ceiling, chunk_size):
     folder, torch_model = tiny_dir(name)
     model = minillm.load(folder, backend=BACKEND)

@@ -1,0 +1,257 @@
+"""The decode step: one new token for each of one or more sessions, in as few array calls as
+the math allows (NumPy only).
+
+A decode step is bound by reading the weights: one matrix-vector product per weight matrix.
+The chunk path (model.forward_staged) is built for many rows; for one row its per-chunk plan,
+row split and query-block bookkeeping, and the 2-D products that BLAS runs as small GEMMs,
+cost a fifth of the step on top of those reads (BENCHMARKS.md, issue 14). Here, for a step of
+B sessions, one new token each:
+
+- a weight product of one row is a GEMV (`W @ x` into a reused buffer); of a few rows, W is
+  read in row blocks once for all of them (`weight_product`);
+- RoPE is one small product with the position's rotation matrix, made once per step and
+  shared by all layers; the capped branch's rotation (at the ceiling) is made once per session;
+- a query's Λ mask is the slots it may not see (at most the ring slot its token overwrites)
+  and, on LM-Infinite's capped branch, a prefix of the global slots: both found once per step;
+- per layer, each session's attention is a dozen calls over its own cache.
+
+The math is the chunk path's, in the same order where it matters (scores over [cache | own
+key], one softmax, values): the logits agree to float32 rounding (tests hold them to 1e-5).
+Like the chunk path, the step only reads the caches: the new keys and values are staged and
+reach every cache in `commit`, so an exception or stop() before it leaves them as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cache import KVCache, StagedChunk, WritePlan
+from .errors import MiniLLMError
+from .middle import MiddleAttention
+from .model import ChunkAbandoned
+from .workspace import Workspace
+
+# a block of W for a few rows: rows x block rows x K elements within OpenBLAS's direct kernel
+BLOCK_ELEMENTS = 640 * 1024
+BLOCK_ROWS_MIN = 16
+
+
+def weight_product(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """x @ w.T into out, for x of one row or a few ([B, K]; w [O, K] as stored).
+
+    One row is a GEMV. For a few rows BLAS's GEMM would first copy all of w into its packed
+    layout (eight rows cost about four GEMVs), so w is taken in row blocks small enough for
+    OpenBLAS's small-matrix kernel: each block is read from memory once for all the rows, and
+    eight rows cost about 1.8 GEMVs of SmolLM2's weights.
+    """
+    if len(x) == 1:
+        np.matmul(w, x[0], out=out[0])
+        return out
+    step = max(BLOCK_ROWS_MIN,
+               BLOCK_ELEMENTS // (len(x) * w.shape[1]) // BLOCK_ROWS_MIN * BLOCK_ROWS_MIN)
+    for a in range(0, w.shape[0], step):
+        np.matmul(x, w[a:a + step].T, out=out[:, a:a + step])
+    return out
+
+
+def rotation(position: int, freq: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """[d, d] float32 R with x @ R = RoPE(x) * scale at `position` (rotate-half layout).
+
+    The angles are float64 and cos/sin are cast to float32 before use, as rope.cos_sin does.
+    """
+    half = len(freq)
+    angles = position * freq
+    cos = np.cos(angles).astype(np.float32) * np.float32(scale)
+    sin = np.sin(angles).astype(np.float32) * np.float32(scale)
+    r = np.zeros((2 * half, 2 * half), np.float32)
+    i = np.arange(half)
+    r[i, i] = cos                # out1 = x1 cos - x2 sin
+    r[i + half, i] = -sin
+    r[i + half, i + half] = cos  # out2 = x2 cos + x1 sin
+    r[i, i + half] = sin
+    return r
+
+
+@dataclass
+class Query:
+    """One session's token in the step: what its query may see, and where its key goes."""
+    cache: KVCache
+    position: int
+    n: int                          # cache slots [0, n) are scored, then the token's own key
+    masked: np.ndarray | None       # slots it may not see (None: none)
+    n_capped: int                   # global slots [0, n_capped) scored at the ceiling
+    capped_rotation: np.ndarray | None
+    write: WritePlan
+    staged: StagedChunk
+    middle: MiddleAttention | None  # top-k middle attention's store, or None (off)
+    middle_k: np.ndarray | None     # the stored layers' un-rotated keys, for the store
+    top_k: bool                     # the query attends to its top-k middle keys too
+
+
+def plan_query(session, position: int, top_k: bool) -> Query:
+    """The Λ mask of a session's query at `position` over its cache's slots (the rule of
+    attention.lambda_mask: local when closer than n_local, else capped when a global slot and
+    a ceiling is set, else masked), as masked slots and a capped prefix."""
+    spec, cache, middle = session.spec, session.cache, session.middle
+    n = cache.n_used
+    n_capped, masked = 0, None
+    if spec.n_local is not None:
+        dist = position - cache.pos[:n]
+        out_of_window = np.flatnonzero(dist >= spec.n_local)
+        if spec.ceiling is not None:  # global slots hold positions 0, 1, ...: a prefix
+            n_capped = int(np.count_nonzero(out_of_window < min(n, spec.n_global)))
+            out_of_window = out_of_window[n_capped:]
+        masked = out_of_window if len(out_of_window) else None
+    middle_k = None
+    if middle is not None:
+        if middle.store.length != position:
+            raise MiniLLMError(f"the middle store holds {middle.store.length} positions but "
+                               f"the token is at {position}")
+        cfg = session.model.config
+        middle_k = session.workspace.buffer(
+            "staged_middle_k", (middle.n_layers, cfg.n_kv_heads, 1, cfg.head_dim), 1)
+    write = cache.write_plan(np.array([position], dtype=np.int64))
+    return Query(cache, position, n, masked, n_capped,
+                 session.capped_rotation if n_capped else None, write, session.staged_one(),
+                 middle, middle_k, top_k and middle is not None)
+
+
+class Step:
+    """The buffers of decode steps of up to `rows` sessions of one model, reused by every
+    step (views into `work`)."""
+
+    def __init__(self, model, work: Workspace, rows: int):
+        cfg = model.config
+        d, n_h, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        self.model, self.work, self.cfg = model, work, cfg
+        buf = work.buffer
+        self.x = buf("decode_x", (rows, cfg.hidden_size), None)
+        self.normed = buf("decode_normed", (rows, cfg.hidden_size), None)
+        self.proj = buf("decode_proj", (rows, cfg.hidden_size), None)
+        self.qkv = buf("decode_qkv", (rows, (n_h + 2 * n_kv) * d), None)
+        self.q_rot = buf("decode_q_rot", (rows, n_h, d), None)
+        self.attn = buf("decode_attn", (rows, n_h * d), None)
+        self.gate_up = buf("decode_gate_up", (rows, 2 * cfg.intermediate_size), None)
+        self.silu = buf("decode_silu", (rows, cfg.intermediate_size), None)
+        self.mlp_out = buf("decode_mlp_out", (rows, cfg.hidden_size), None)
+        self.sum_sq = buf("decode_sum_sq", (rows, 1), None)
+        self.lse = buf("decode_lse", (n_kv, n_h // n_kv), None)
+
+
+def forward_one(sessions: Sequence, tokens: Sequence[int], step: Step,
+                stop: Callable[[], bool] | None = None,
+                top_k: bool = False) -> tuple[np.ndarray, Callable[[], None]]:
+    """(final-normed hidden states [B, D], the call that commits) for one token per session,
+    each at its session's position: model.forward_staged for B chunks of one token, computed
+    together. The commit stores each token's keys and values in its session's cache (and
+    middle store). Until then nothing is written: stop() is asked before every layer and
+    raises ChunkAbandoned. top_k: each query with top-k middle attention on attends to its
+    top-k middle keys too (a feed call's last token, as in the chunk path).
+    """
+    model = step.model
+    cfg, w = model.config, model.weights
+    positions = [s.position for s in sessions]
+    queries = [plan_query(s, p, top_k) for s, p in zip(sessions, positions)]
+    scale = 1 / np.sqrt(cfg.head_dim)
+    r_q = np.stack([rotation(p, model.freq, scale) for p in positions])  # [B, d, d]
+    r_k = np.stack([rotation(p, model.freq) for p in positions])
+    x = step.x[:len(sessions)]
+    np.take(w.embed, np.asarray(tokens), axis=0, out=x)
+    for layer, lw in enumerate(w.layers):
+        if stop is not None and stop():
+            raise ChunkAbandoned(f"abandoned before layer {layer}")
+        _layer(x, lw, layer, queries, r_q, r_k, step)
+    h = _rms_norm(x, w.norm, cfg.rms_norm_eps, step, out=step.normed[:len(x)]).copy()
+
+    def commit() -> None:
+        for q in queries:  # the store first: if it cannot be written, the cache stays as it was
+            if q.middle is not None:
+                q.middle.store.append(q.middle_k, q.staged.v[q.middle.first_layer:])
+            q.cache.commit(q.write, q.staged)
+    return h, commit
+
+
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, step: Step,
+              out: np.ndarray) -> np.ndarray:
+    """x / rms(x) * weight, rows of x."""
+    sum_sq = step.sum_sq[:len(x)]
+    np.einsum("bd,bd->b", x, x, out=sum_sq[:, 0])
+    sum_sq /= np.float32(x.shape[1])
+    sum_sq += np.float32(eps)
+    np.sqrt(sum_sq, out=sum_sq)
+    np.divide(x, sum_sq, out=out)
+    out *= weight
+    return out
+
+
+def _layer(x: np.ndarray, lw, layer: int, queries: list[Query], r_q: np.ndarray,
+           r_k: np.ndarray, step: Step) -> None:
+    cfg, b_rows = step.cfg, len(x)
+    d, n_h, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    h = _rms_norm(x, lw.attn_norm, cfg.rms_norm_eps, step, out=step.normed[:b_rows])
+    qkv = weight_product(h, lw.w_qkv, step.qkv[:b_rows])
+    q = qkv[:, :n_h * d].reshape(b_rows, n_h, d)
+    k = qkv[:, n_h * d:(n_h + n_kv) * d].reshape(b_rows, n_kv, d)
+    v = qkv[:, (n_h + n_kv) * d:].reshape(b_rows, n_kv, d)
+    q_rot = np.matmul(q, r_q, out=step.q_rot[:b_rows])
+    attn = step.attn[:b_rows]
+    for b, query in enumerate(queries):
+        st = query.staged
+        np.matmul(k[b], r_k[b], out=st.k[layer][:, 0])
+        st.v[layer][:, 0] = v[b]
+        if st.k_raw is not None:
+            st.k_raw[layer][:, 0] = k[b]
+        middle = query.middle
+        stored = middle is not None and middle.stores(layer)
+        if stored:
+            query.middle_k[layer - middle.first_layer][:, 0] = k[b]
+        lse = step.lse if stored and query.top_k else None
+        _attend(query, layer, q[b], q_rot[b], attn[b].reshape(n_kv, n_h // n_kv, d), step, lse)
+        if lse is not None:
+            middle.attend_last_row(layer, query.position, q[b].reshape(n_kv, n_h // n_kv, d),
+                                   attn[b], lse, np)
+    x += weight_product(attn, lw.wo, step.proj[:b_rows])
+    h = _rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps, step, out=step.normed[:b_rows])
+    gate_up = weight_product(h, lw.w_gate_up, step.gate_up[:b_rows])
+    f = cfg.intermediate_size
+    g, u = gate_up[:, :f], gate_up[:, f:]
+    e = np.negative(g, out=step.silu[:b_rows])  # silu(g) * u = g * u / (1 + exp(-g))
+    np.exp(e, out=e)
+    e += 1
+    g *= u
+    g /= e
+    x += weight_product(g, lw.w_down, step.mlp_out[:b_rows])
+
+
+def _attend(query: Query, layer: int, q: np.ndarray, q_rot: np.ndarray, out: np.ndarray,
+            step: Step, lse: np.ndarray | None) -> None:
+    """One query's attention over [its cache's slots | its own key] into out [K, group, d].
+
+    q: [H, d] un-rotated (for the capped branch); q_rot: [H, d] rotated, pre-scaled;
+    lse: receives the log-sum-exp of its scores [K, group] (top-k middle attention), or None.
+    """
+    cache, n = query.cache, query.n
+    n_kv, group, d = out.shape
+    qg = q_rot.reshape(n_kv, group, d)
+    s = step.work.scores(n_kv * group * (n + 1)).reshape(n_kv, group, n + 1)
+    np.matmul(qg, cache.k[layer][..., :n], out=s[..., :n])
+    k_new, v_new = query.staged.k[layer], query.staged.v[layer]  # [K, 1, d]
+    np.matmul(qg, k_new.transpose(0, 2, 1), out=s[..., n:])
+    if query.n_capped:
+        m = query.n_capped
+        qc = np.matmul(q, query.capped_rotation).reshape(n_kv, group, d)
+        np.matmul(qc, cache.k_raw[layer][:, :m].transpose(0, 2, 1), out=s[..., :m])
+    if query.masked is not None:
+        s[..., query.masked] = -np.inf
+    top = s.max(axis=-1, keepdims=True)
+    s -= top
+    np.exp(s, out=s)
+    z = s.sum(axis=-1, keepdims=True)
+    if lse is not None:
+        np.add(top[..., 0], np.log(z[..., 0]), out=lse)
+    np.matmul(s[..., :n], cache.v[layer][:, :n], out=out)
+    out += s[..., n:] * v_new
+    out /= z
