@@ -10,6 +10,11 @@ the report gives medians over rounds and the ratios minillm / peer against the t
     score_tps                        2048 tokens in 512-token chunks, NLL of every token
     peak_rss_mb                      the worker's peak resident memory (MB = 10^6 bytes)
 
+and, once per run in a worker of its own, the machine: the CPU model, usable cores, and the
+floors at SmolLM2's shapes (minillm.bench.floors: the weight products alone, one GEMV per matrix
+for a decode token, 512-row GEMMs for a prompt), to which minillm's decode and prompt rates are
+compared too.
+
 Set up once (llama.cpp compiles, 6-15 minutes on 2 cores):
 
     make bench-env          # .bench-venv with llama-cpp-python; the transformers side uses .venv
@@ -210,10 +215,21 @@ def worker_transformers(args, ids):
     return out
 
 
+def worker_floors(args):
+    """The CPU and the weight-product floors (minillm.bench.floors), with NumPy's BLAS."""
+    import minillm
+    from minillm.bench import blas_kernel, floors
+
+    out = floors(minillm.load(args.model, backend="numpy"))
+    out["kernel"] = blas_kernel()
+    return out
+
+
 def worker(args) -> None:
     import numpy as np
     ids = np.load(args.ids)
-    run = {"minillm": lambda: worker_minillm(args, ids),
+    run = {"floors": lambda: worker_floors(args),
+           "minillm": lambda: worker_minillm(args, ids),
            "llama.cpp": lambda: worker_llama(args, ids, flash=False),
            "llama.cpp-fa": lambda: worker_llama(args, ids, flash=True),
            "transformers": lambda: worker_transformers(args, ids)}[args.engine]
@@ -389,7 +405,11 @@ def main_run(args) -> None:
         progress("minillm: decode with the 8K window full")
         extra = run_worker(args, "minillm", long_decode=True)
         log.write(json.dumps({"round": "long", "engine": "minillm", **extra}) + "\n")
+    progress("the machine's floors")
+    machine = run_worker(args, "floors")
+    log.write(json.dumps({"round": "floors", "engine": "floors", **machine}) + "\n")
     summary = summarize(runs, extra)
+    summary["machine"] = machine
     summary.update(threads=args.threads, rounds=args.rounds, seconds=time.perf_counter() - t0,
                    command=" ".join(sys.argv))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -406,16 +426,33 @@ def summarize(runs: dict, extra: dict) -> dict:
     return {"medians": med}
 
 
+def machine_line(machine: dict) -> str:
+    return (f"machine: {machine['cpu']}, {machine['cores']} usable cores, "
+            f"{machine['kernel']}; floors at SmolLM2's shapes (weight products alone): "
+            f"GEMV {machine['gemv_floor_tps']:.1f} tok/s ({machine['gemv_floor_ms']:.1f} "
+            f"ms/token), GEMM {machine['gemm_floor_tps']:.1f} tok/s "
+            f"({machine['gemm_floor_gflops']:.0f} GFLOP/s, 512 rows)")
+
+
 def report(summary: dict) -> str:
     med = summary["medians"]
     engines = list(med)
-    lines = ["| | " + " | ".join(engines) + " |", "|---" * (len(engines) + 1) + "|"]
+    machine = summary.get("machine")  # absent from summaries written before the floors
+    floor_of = {}
+    if machine and machine.get("gemv_floor_tps"):
+        floor_of = {"decode_tps": ("GEMV", machine["gemv_floor_tps"]),
+                    **{f"prompt_{n}_tps": ("GEMM", machine["gemm_floor_tps"]) for n in PROMPTS}}
+    lines = [machine_line(machine), ""] if floor_of else []
+    lines += ["| | " + " | ".join(engines) + " |", "|---" * (len(engines) + 1) + "|"]
     for m in METRICS:
         lines.append(f"| {m} | " + " | ".join(f"{med[e][m]:.1f}" for e in engines) + " |")
     lines.append("| kernel | " + " | ".join(med[e]["kernel"] for e in engines) + " |")
     if "minillm" in med:
         mine = med["minillm"]
-        lines += ["", "| target | minillm | best peer | ratio |", "|---|---|---|---|"]
+        head, rule = "| target | minillm | best peer | ratio |", "|---|---|---|---|"
+        if floor_of:  # the machine's ceiling beside each target: minillm / its floor
+            head, rule = head + " minillm / floor |", rule + "---|"
+        lines += ["", head, rule]
         targets = [(f"prompt_{n}_tps", [e for e in engines if e != "minillm"]) for n in PROMPTS]
         targets += [("score_tps", ["transformers"]), ("decode_tps", ["llama.cpp"])]
         for m, peers in targets:
@@ -423,8 +460,12 @@ def report(summary: dict) -> str:
             if not peers:
                 continue
             best = max(peers, key=lambda p: med[p][m])
-            lines.append(f"| {m} >= 1.0x {best} | {mine[m]:.1f} | {med[best][m]:.1f} | "
-                         f"{mine[m] / med[best][m]:.2f}x |")
+            row = (f"| {m} >= 1.0x {best} | {mine[m]:.1f} | {med[best][m]:.1f} | "
+                   f"{mine[m] / med[best][m]:.2f}x |")
+            if floor_of:
+                name, floor = floor_of.get(m, ("", None))
+                row += f" {mine[m] / floor:.2f}x of {name} |" if floor else " |"
+            lines.append(row)
         if "decode_8k_tps" in mine:
             lines.append(f"\nminillm decode with the 8K window full: {mine['decode_8k_tps']:.1f} "
                          f"tok/s (after a 512-token prompt: {mine['decode_tps']:.1f})")

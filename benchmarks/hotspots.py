@@ -31,7 +31,7 @@ import numpy as np
 
 import minillm
 from minillm import parallel
-from minillm.bench import bench_ids, blas_kernel
+from minillm.bench import bench_ids, blas_kernel, gemv_floor_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = [  # (label, function name as cProfile records it)
@@ -139,25 +139,12 @@ def dispatch_floor(model, tmp: Path) -> str:
 
     floor = min(per_token(tiny) for _ in range(3))
     real = min(per_token(model) for _ in range(3))
-    gemv = min(gemv_pass(model) for _ in range(3))
+    gemv = gemv_floor_ms(model)  # best of minillm.bench's repeats
     return (f"decode ms/token: SmolLM2 {real:.1f}; its GEMVs alone (one row through every "
             f"weight matrix and the lm_head, nothing else) {gemv:.1f}; the same structure with "
             f"tiny matrices {floor:.1f} (the dispatch floor, {floor / real:.0%} of the real "
             f"step; the tiny model's lm_head still reads a {tiny.config.vocab_size}-row "
             f"embedding)")
-
-
-def gemv_pass(model, steps: int = 64) -> float:
-    """ms per token of the decode step's weight reads alone: x @ W.T for every matrix."""
-    w = model.weights
-    mats = [m for lw in w.layers for m in (lw.w_qkv, lw.wo, lw.w_gate_up, lw.w_down)]
-    mats.append(w.lm_head)
-    xs = {n: np.ones((1, n), np.float32) for n in {m.shape[1] for m in mats}}
-    t = time.perf_counter()
-    for _ in range(steps):
-        for m in mats:
-            xs[m.shape[1]] @ m.T
-    return (time.perf_counter() - t) / steps * 1e3
 
 
 def gemm_rates(model, rows: int = 512) -> str:

@@ -56,8 +56,9 @@ def model_argument(fn):
 
 def backend_options(fn):
     fn = click.option("--threads", type=click.IntRange(min=1), default=None,
-                      help="CPU threads (default: all cores): BLAS's, and with at most 4, "
-                           "the threads a long chunk is split over.")(fn)
+                      help="CPU threads (default: all cores): BLAS's, and at most the "
+                           "threads a long chunk is split over (measured per machine: "
+                           "minillm calibrate).")(fn)
     fn = click.option("--backend", type=click.Choice(["auto", "numpy", "cupy"]), default="auto",
                       show_default=True,
                       help="Array backend: cupy when it imports and sees a GPU (auto), "

@@ -10,6 +10,7 @@ import click
 
 from minillm.generate import generate_text
 
+from .calibrate import calibrate
 from .chat import chat as _chat
 from .common import (
     PromptProgress,
@@ -111,6 +112,7 @@ cli.add_command(_chat)
 cli.add_command(score)
 cli.add_command(serve)
 cli.add_command(passkey)
+cli.add_command(calibrate)
 
 
 @cli.command()
@@ -121,7 +123,12 @@ cli.add_command(passkey)
 @backend_options
 @reports_errors
 def bench(model, as_json, repeats, backend, threads):
-    """Measure prompt, decode and scoring tokens/s, peak RSS and the BLAS kernel."""
+    """Measure prompt, decode and scoring tokens/s, peak RSS and the BLAS kernel.
+
+    Beside them, the CPU and this machine's floors at the model's shapes (NumPy backend): the
+    weight products alone, one GEMV per matrix for a decode token and 512-row GEMMs for a
+    prompt. Decode is shown as a share of the GEMV floor and prompts of the GEMM floor.
+    """
     from minillm.bench import run_bench
 
     m = load_model(model, backend, threads)
@@ -129,8 +136,29 @@ def bench(model, as_json, repeats, backend, threads):
     if as_json:
         write_stdout(json.dumps(result) + "\n")
         return
-    write_stdout("".join(f"{key:>16}: {value:.1f}\n" if isinstance(value, float)
-                         else f"{key:>16}: {value}\n" for key, value in result.items()))
+    write_stdout(bench_text(result))
+
+
+def bench_text(result: dict) -> str:
+    """The bench result as `key: value` lines, each rate beside its floor."""
+    ceilings = {"decode_tps": ("GEMV floor", result.get("gemv_floor_tps")),
+                **{k: ("GEMM floor", result.get("gemm_floor_tps"))
+                   for k in ("prompt_512_tps", "prompt_2048_tps")}}
+    lines = [f"{'cpu':>17}: {result['cpu']} ({result['cores']} usable cores)"]
+    for key, value in result.items():
+        if key in ("cpu", "cores"):
+            continue
+        if value is None:
+            text = "n/a (NumPy backend only)"
+        elif isinstance(value, float):
+            text = f"{value:.1f}" if abs(value) >= 1 else f"{value:.3g}"  # small ms stay visible
+        else:
+            text = str(value)
+        label, floor = ceilings.get(key, (None, None))
+        if floor:
+            text += f" ({label} {floor:.1f} tok/s: {value / floor:.2f}x)"
+        lines.append(f"{key:>17}: {text}")
+    return "\n".join(lines) + "\n"
 
 
 def main():

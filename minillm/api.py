@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 
+from . import calibrate
 from .backend import get_backend, to_host
 from .config import Config
 from .errors import ModelFileError
@@ -53,6 +54,8 @@ class Model:
         self.freq = inv_freq(self.config)  # float64 RoPE inverse frequencies
         self.eos_ids = frozenset(self.config.eos_token_id) | (
             {self.tokenizer.eos_id} if self.tokenizer.eos_id is not None else set())
+        if self.xp is np:  # the chunk split for this machine: measured once, then cached
+            calibrate.apply(calibrate.settings_for(self)[0])
 
     @property
     def backend(self) -> str:

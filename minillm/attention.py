@@ -22,7 +22,7 @@ from . import parallel
 from .backend import Array
 from .cache import KVCache, WritePlan
 from .config import Config, is_int
-from .workspace import SCORE_BUDGET_BYTES, Workspace
+from .workspace import Workspace, score_budget
 
 NEG_INF = np.float32(-np.inf)
 BLOCKS_PER_PART = 4
@@ -148,7 +148,7 @@ def plan_chunk(spec: AttentionSpec, cache: KVCache, positions: np.ndarray, n_hea
     per_query = n_heads * (n_used + n_q) * 4
     # several blocks per thread, so that the runs can be balanced
     block = max(1, min(-(-n_q // (BLOCKS_PER_PART * n_parts)) if n_parts > 1 else n_q,
-                       SCORE_BUDGET_BYTES // per_query))
+                       score_budget() // per_query))
     slot_pos = cache.pos[:n_used]
     blocks = []
     for a in range(0, n_q, block):

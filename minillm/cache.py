@@ -25,7 +25,7 @@ from . import parallel
 from .backend import Array, to_device, to_host
 from .config import Config
 from .errors import MiniLLMError
-from .workspace import NLL_ROWS, SCORE_BUDGET_BYTES, TYPICAL_CHUNK
+from .workspace import NLL_ROWS, TYPICAL_CHUNK, score_budget
 
 EMPTY = np.iinfo(np.int64).max  # position of an unused slot: in the future of every query
 FULL_INITIAL_SLOTS = 1024
@@ -54,7 +54,7 @@ def workspace_bytes(cfg: Config, n_global: int, xp=np) -> int:
     staged = 2 * cfg.num_hidden_layers * kv * d  # floats per token
     per_token = 4 * cfg.hidden_size + (3 * h + 2 * kv) * d + 3 * f + staged
     staged_globals = cfg.num_hidden_layers * kv * n_global * d  # un-rotated, at most n_global
-    scores = (parallel.workers() if xp is np else 1) * SCORE_BUDGET_BYTES
+    scores = (parallel.workers() if xp is np else 1) * score_budget()
     return scores + 4 * (NLL_ROWS * cfg.vocab_size + TYPICAL_CHUNK * per_token + staged_globals)
 
 

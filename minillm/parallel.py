@@ -10,11 +10,13 @@ step: its idle threads spin for a while after each call and would take the cores
 Single tokens (decode) and short chunks stay on one thread with BLAS threaded: a thread
 hand-off costs tens of microseconds, as much as a whole GEMV.
 
-The worker count defaults to BLAS's thread count on machines with up to SPLIT_MAX_THREADS of
-them, and to 1 (no split, BLAS threaded as usual) above: on a 16-core host, one thread per
-core and single-threaded GEMMs on 32-row slices lost to BLAS's own threading (BENCHMARKS.md).
-`set_workers` changes it. Limiting BLAS is process-wide, so sessions computing at once from
-different threads may briefly run each other's GEMMs single-threaded (slower, never wrong).
+Before any measurement the worker count is BLAS's thread count on machines with up to
+SPLIT_MAX_THREADS of them, and 1 (no split, BLAS threaded as usual) above: on a 16-core host,
+one thread per core and single-threaded GEMMs on 32-row slices lost to BLAS's own threading
+(BENCHMARKS.md). Loading a model sets it from minillm.calibrate, which times the candidates
+on this machine; `set_workers` changes it. Limiting BLAS is process-wide, so sessions
+computing at once from different threads may briefly run each other's GEMMs single-threaded
+(slower, never wrong).
 """
 
 from __future__ import annotations
@@ -49,17 +51,29 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def thread_limit() -> int:
+    """The threads a chunk may use: BLAS's thread count (what `--threads` sets), never more
+    than the usable cores; 1 without a known BLAS."""
+    blas = _blas()
+    threads = [lib.num_threads for lib in blas.lib_controllers] if blas is not None else []
+    return min(max(threads, default=1), usable_cores())
+
+
+def default_workers() -> int:
+    """The split before any measurement: one thread per BLAS thread on small machines."""
+    n = thread_limit()
+    return n if n <= SPLIT_MAX_THREADS else 1
+
+
 def workers() -> int:
     """How many threads a long chunk is split over: never more than the usable cores."""
     if "workers" not in _state:
-        blas = _blas()
-        threads = [lib.num_threads for lib in blas.lib_controllers] if blas is not None else []
-        n = min(max(threads, default=1), usable_cores())
-        _state["workers"] = n if n <= SPLIT_MAX_THREADS else 1
+        _state["workers"] = default_workers()
     return _state["workers"]
 
 
 def set_workers(n: int) -> None:
+    """Split long chunks over n threads (1: no split)."""
     if n < 1:
         raise ValueError(f"workers must be at least 1 (got {n})")
     _state["workers"] = int(n)
