@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import resource
 import time
@@ -34,17 +35,19 @@ from minillm import parallel
 from minillm.bench import bench_ids, blas_kernel, gemv_floor_ms
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = [  # (label, function name as cProfile records it)
-    ("attention (scores, softmax, values)", "attend"),
-    ("MLP (gate/up GEMM, SiLU, down GEMM)", "mlp"),
-    ("qkv/o GEMMs + residual (block's own)",
-     ("attention_input", "attention_residual", "mlp_residual")),
-    ("RoPE", "apply_rope"),
-    ("RMSNorm", "rms_norm"),
-    ("cache writes", "write"),
-    ("masks (per chunk)", "plan_chunk"),
-    ("lm_head (last logits)", "lm_head"),
-    ("lm_head + log-softmax (score)", "_nll_of_rows"),
+ROWS = [  # (label, inclusive time of these functions, own time of these); "file:function"
+    ("attention (scores, softmax, values)", ("attention.py:attend", "decode.py:_attend"), ()),
+    ("MLP (gate/up GEMM, SiLU, down GEMM)", ("model.py:mlp",), ()),
+    ("qkv/o GEMMs + residual (block's own)", (),
+     ("model.py:attention_input", "model.py:attention_residual", "model.py:mlp_residual")),
+    ("decode step: weight products (GEMVs)", ("decode.py:weight_product",), ()),
+    ("decode step: the rest of its layers (norms, RoPE, SiLU, copies)", (),
+     ("decode.py:_layer", "decode.py:_rms_norm")),
+    ("RoPE", ("rope.py:apply_rope",), ()),
+    ("RMSNorm", ("model.py:rms_norm",), ()),
+    ("masks (per chunk)", ("attention.py:plan_chunk",), ()),
+    ("lm_head (last logits)", ("model.py:lm_head",), ()),
+    ("lm_head + log-softmax (score)", ("session.py:_nll_of_rows",), ()),
 ]
 
 
@@ -56,13 +59,12 @@ def profile(fn) -> tuple[float, dict]:
     pr.disable()
     wall = time.perf_counter() - t
     stats = pstats.Stats(pr).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
-    share = {}
-    for label, name in ROWS:
-        own = isinstance(name, tuple)  # block's phases: own time, the GEMMs are inline
-        hits = [v for (f, _, n), v in stats.items()
-                if (n in name if own else n == name) and "minillm" in f]
-        secs = sum(v[2] if own else v[3] for v in hits)
-        share[label] = secs
+
+    def seconds(names, column):  # column 3: inclusive (cumtime), 2: own (tottime)
+        return sum(v[column] for (f, _, n), v in stats.items()
+                   if f"{Path(f).name}:{n}" in names and "minillm" in f)
+
+    share = {label: seconds(inclusive, 3) + seconds(own, 2) for label, inclusive, own in ROWS}
     return wall, share
 
 
@@ -96,7 +98,7 @@ def time_table(model) -> str:
         threaded[name] = time.perf_counter() - t
     names = list(runs)
     lines = ["| share of run time | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for label, _ in ROWS:
+    for label, *_ in ROWS:
         cells = [runs[n][1][label] / runs[n][0] for n in names]
         if any(c > 0.005 for c in cells):
             lines.append(f"| {label} | " + " | ".join(f"{c:.0%}" for c in cells) + " |")
@@ -127,7 +129,14 @@ def dispatch_floor(model, tmp: Path) -> str:
     write_safetensors(str(path), shapes.items(),
                       lambda k: rng.standard_normal(shapes[k]).astype(np.float32) * 0.1,
                       metadata=meta)
-    tiny = minillm.load(path, backend="numpy")
+    before = os.environ.get("MINILLM_CALIBRATE")
+    os.environ["MINILLM_CALIBRATE"] = "off"  # its settings would replace the real model's
+    try:
+        tiny = minillm.load(path, backend="numpy")
+    finally:
+        os.environ.pop("MINILLM_CALIBRATE")
+        if before is not None:
+            os.environ["MINILLM_CALIBRATE"] = before
 
     def per_token(m):
         s = m.session()

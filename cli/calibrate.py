@@ -7,15 +7,15 @@ import os
 
 import click
 
-from .common import backend_options, load_model, model_argument, reports_errors, write_stdout
+from .common import load_model, model_argument, reports_errors, threads_option, write_stdout
 
 
 @click.command()
 @model_argument
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@backend_options
+@threads_option
 @reports_errors
-def calibrate(model, as_json, backend, threads):
+def calibrate(model, as_json, threads):
     """Measure how to spread MODEL's long chunks over this machine's cores, and remember it.
 
     Times one layer of MODEL over a 256-token chunk with each way of using the cores (one
@@ -32,14 +32,12 @@ def calibrate(model, as_json, backend, threads):
     before = os.environ.get("MINILLM_CALIBRATE")
     os.environ["MINILLM_CALIBRATE"] = "off"  # measured below, once
     try:
-        m = load_model(model, backend, threads)
+        m = load_model(model, "numpy", threads)  # the split is the NumPy backend's, GPU or not
     finally:
         if before is None:
             del os.environ["MINILLM_CALIBRATE"]
         else:
             os.environ["MINILLM_CALIBRATE"] = before
-    if m.backend != "numpy":
-        raise click.ClickException("nothing to calibrate on the CuPy backend")
     settings, measured = settings_for(m, refresh=True)
     if as_json:
         write_stdout(json.dumps({"workers": settings.workers,
@@ -54,5 +52,5 @@ def calibrate(model, as_json, backend, threads):
         for value, seconds in measured[name].items():
             mark = "  <- chosen" if int(value) == chosen else ""
             lines.append(f"  {int(value):>10,}  {seconds * 1e3:8.2f} ms{mark}")
-    lines.append(f"saved in {cache_path()}")
+    lines.append(f"measured in {measured['seconds']:.2f} s; saved in {cache_path()}")
     write_stdout("\n".join(lines) + "\n")

@@ -54,11 +54,15 @@ def model_argument(fn):
     return click.argument("model", type=click.Path(dir_okay=True, path_type=str))(fn)
 
 
+def threads_option(fn):
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="CPU threads (default: all cores): BLAS's, and at most the "
+                             "threads a long chunk is split over (measured per machine: "
+                             "minillm calibrate).")(fn)
+
+
 def backend_options(fn):
-    fn = click.option("--threads", type=click.IntRange(min=1), default=None,
-                      help="CPU threads (default: all cores): BLAS's, and at most the "
-                           "threads a long chunk is split over (measured per machine: "
-                           "minillm calibrate).")(fn)
+    fn = threads_option(fn)
     fn = click.option("--backend", type=click.Choice(["auto", "numpy", "cupy"]), default="auto",
                       show_default=True,
                       help="Array backend: cupy when it imports and sees a GPU (auto), "

@@ -126,7 +126,9 @@ def settings_for(model, refresh: bool = False) -> tuple[Settings, dict | None]:
     entry = entries.get(key)
     if not refresh and _valid(entry):
         return Settings(**entry["settings"]), entry["measured"]
+    start = time.perf_counter()
     measured = measure(model)
+    measured["seconds"] = time.perf_counter() - start
     settings = choose(measured, defaults())
     entries[key] = {"settings": asdict(settings), "measured": measured, "when": time.time()}
     _write_cache(path, entries)
@@ -144,26 +146,28 @@ def _valid(entry) -> bool:
 
 
 def apply(settings: Settings) -> None:
-    parallel.set_workers(settings.workers)
+    """The settings for the whole process (the last model loaded sets them), except a split
+    the program chose itself (parallel.set_workers)."""
+    parallel.use_calibrated(settings.workers)
     workspace.set_score_budget(settings.score_budget)
 
 
 def measure(model) -> dict:
     """Seconds of one layer of the model over a CHUNK-token chunk after CACHED_BEFORE cached
     keys, for each worker count (default score budget), then for each score budget (the
-    chosen worker count)."""
+    chosen worker count). The process's settings are as they were after."""
     default = defaults()
-    before = parallel.workers(), workspace.score_budget()
+    budget_before = workspace.score_budget()
     layer = _OneLayer(model)
     try:
-        layer.run()  # pages the layer's weights in and starts the BLAS threads
+        with parallel.trying(default.workers):
+            layer.run()  # pages the layer's weights in and starts the BLAS threads
         times_w = _rounds(layer, {n: (n, default.score_budget)
                                   for n in candidate_workers(parallel.thread_limit())})
         workers = _best(times_w, default.workers)
         times_b = _rounds(layer, {b: (workers, b) for b in SCORE_BUDGETS})
     finally:
-        parallel.set_workers(before[0])
-        workspace.set_score_budget(before[1])
+        workspace.set_score_budget(budget_before)
     return {"workers": times_w, "score_budget": times_b}
 
 
@@ -171,15 +175,16 @@ def _rounds(layer: _OneLayer, candidates: dict) -> dict:
     """Each candidate's best time of REPEATS runs after one untimed run (which also fills its
     buffers). Going from BLAS's own threading to a split, it first waits SPIN_S: BLAS's idle
     threads spin for about 0.1 s after a threaded call and took a core from the split runs
-    that followed (25 ms runs took 38-46 ms), which a real feed, split throughout, never meets."""
-    best = {}
+    that followed, which a real feed, split throughout, never meets."""
+    best, previous = {}, None
     for name, (workers, budget) in candidates.items():
-        if workers > 1 and parallel.workers() == 1:
+        if workers > 1 and previous == 1:
             time.sleep(SPIN_S)
-        parallel.set_workers(workers)
+        previous = workers
         workspace.set_score_budget(budget)
-        layer.run()
-        best[name] = min(layer.run() for _ in range(REPEATS))
+        with parallel.trying(workers):
+            layer.run()
+            best[name] = min(layer.run() for _ in range(REPEATS))
     return best
 
 

@@ -175,8 +175,13 @@ def forward_one(sessions: Sequence, tokens: Sequence[int], step: Step,
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, step: Step,
-              out: np.ndarray) -> np.ndarray:
-    """x / rms(x) * weight, rows of x."""
+               out: np.ndarray) -> np.ndarray:
+    """x / rms(x) * weight, rows of x (one row: its sum of squares is a dot product)."""
+    if len(x) == 1:
+        mean_sq = np.float32(np.dot(x[0], x[0])) / np.float32(x.shape[1])
+        np.multiply(x, weight, out=out)
+        out /= np.sqrt(mean_sq + np.float32(eps))
+        return out
     sum_sq = step.sum_sq[:len(x)]
     np.einsum("bd,bd->b", x, x, out=sum_sq[:, 0])
     sum_sq /= np.float32(x.shape[1])

@@ -73,10 +73,30 @@ def workers() -> int:
 
 
 def set_workers(n: int) -> None:
-    """Split long chunks over n threads (1: no split)."""
+    """Split long chunks over n threads (1: no split): the program's own choice, which a
+    calibration applied later (a model loaded after this) leaves alone."""
     if n < 1:
         raise ValueError(f"workers must be at least 1 (got {n})")
+    _state["workers"], _state["chosen"] = int(n), True
+
+
+def use_calibrated(n: int) -> None:
+    """The split a calibration measured, unless the program chose one (set_workers)."""
+    if not _state.get("chosen"):
+        _state["workers"] = int(n)
+
+
+@contextlib.contextmanager
+def trying(n: int):
+    """The split set to n for a while (a calibration's candidates), as it was after."""
+    before = _state.get("workers"), _state.get("chosen")
     _state["workers"] = int(n)
+    try:
+        yield
+    finally:
+        _state["workers"], _state["chosen"] = before
+        if before[0] is None:
+            del _state["workers"]
 
 
 def parts_for(n_rows: int, xp) -> int:

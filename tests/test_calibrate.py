@@ -25,10 +25,12 @@ def calibrating(monkeypatch, tmp_path):
     """Calibration on, its cache in a fresh folder; the process-wide settings put back after."""
     monkeypatch.delenv("MINILLM_CALIBRATE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    before = parallel.workers(), workspace.score_budget()
+    state, budget = dict(parallel._state), workspace.score_budget()
+    parallel._state.pop("chosen", None)  # no program's own choice (other tests set one)
     yield tmp_path / "minillm" / "calibration.json"
-    parallel.set_workers(before[0])
-    workspace.set_score_budget(before[1])
+    parallel._state.clear()
+    parallel._state.update(state)
+    workspace.set_score_budget(budget)
 
 
 def fake_measure(monkeypatch, measured):
@@ -83,10 +85,17 @@ def test_first_load_measures_and_caches_then_loads_skip_it(tiny_dir, monkeypatch
     key, entry = next(iter(entries.items()))
     assert json.loads(key)["shape"] == [64, 96, 4, 2, 16]
     assert entry["settings"] == {"workers": 1, "score_budget": 4 << 20}
-    parallel.set_workers(2)
+    workspace.set_score_budget(1 << 20)
     minillm.load(folder, backend="numpy")  # cached: no measuring, the same settings applied
     assert len(calls) == 1
-    assert parallel.workers() == 1
+    assert (parallel.workers(), workspace.score_budget()) == (1, 4 << 20)
+
+
+def test_a_split_the_program_chose_stays(tiny_dir, monkeypatch, calibrating):
+    fake_measure(monkeypatch, {"workers": {1: 0.01, 2: 0.03}, "score_budget": {4 << 20: 0.01}})
+    parallel.set_workers(2)
+    minillm.load(tiny_dir("gqa")[0], backend="numpy")
+    assert parallel.workers() == 2
 
 
 def test_refresh_measures_again(tiny_dir, monkeypatch, calibrating):
@@ -135,7 +144,7 @@ def test_an_unwritable_cache_warns_and_still_applies(tiny_dir, monkeypatch, cali
     calibrating.parent.parent.mkdir(parents=True, exist_ok=True)
     calibrating.parent.write_text("a file where the folder should be")
     fake_measure(monkeypatch, {"workers": {1: 0.01, 2: 0.5}, "score_budget": {4 << 20: 0.01}})
-    parallel.set_workers(2)
+    parallel.use_calibrated(2)
     with pytest.warns(UserWarning, match="could not save the calibration"):
         minillm.load(tiny_dir("gqa")[0], backend="numpy")
     assert parallel.workers() == 1
@@ -145,12 +154,12 @@ def test_a_real_measurement_on_a_tiny_model(tiny_dir, calibrating):
     """measure() itself: positive times for every candidate, settings among them, and the
     process-wide settings as they were before it."""
     model = minillm.load(tiny_dir("gqa")[0], backend="numpy")
-    before = parallel.workers(), workspace.score_budget()
+    before = dict(parallel._state), workspace.score_budget()
     measured = calibrate.measure(model)
     assert set(measured["workers"]) == set(calibrate.candidate_workers(parallel.thread_limit()))
     assert set(measured["score_budget"]) == set(calibrate.SCORE_BUDGETS)
     assert all(np.isfinite(t) and t > 0 for part in measured.values() for t in part.values())
-    assert (parallel.workers(), workspace.score_budget()) == before
+    assert (dict(parallel._state), workspace.score_budget()) == before
     assert os.path.exists(calibrating)  # the load before measured and saved too
 
 
