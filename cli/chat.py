@@ -9,10 +9,9 @@ import warnings
 
 import click
 
-from minillm.attention import PRESETS
-
 from .common import (
     PromptProgress,
+    attention_options,
     backend_options,
     load_model,
     model_argument,
@@ -37,12 +36,7 @@ ESCAPE = "start a message with // to send a line that begins with /"
 @click.command()
 @model_argument
 @click.option("--system", default=None, help="System prompt for the conversation.")
-@click.option("--attention", type=click.Choice(PRESETS), default="lminfinite", show_default=True,
-              help="Attention preset: lminfinite keeps the conversation in a fixed-size ring.")
-@click.option("--n-global", type=click.IntRange(min=0), default=None,
-              help="Starting tokens kept forever (default 10; lminfinite only).")
-@click.option("--n-local", type=click.IntRange(min=1), default=None,
-              help="Local window in tokens (default: the model's training length).")
+@attention_options("the conversation's keys")
 @click.option("-v", "--verbose", is_flag=True,
               help="After each answer print tokens in the conversation, cache fill, the "
                    "middle store's size and prompt/generation tokens/s to stderr.")

@@ -14,6 +14,7 @@ import warnings
 import click
 
 import minillm
+from minillm.attention import PRESETS
 from minillm.errors import MiniLLMError, WriteError
 from minillm.middle import DEFAULT_FROM_LAYER
 from minillm.parallel import usable_cores
@@ -52,6 +53,27 @@ def reports_errors(fn):
 
 def model_argument(fn):
     return click.argument("model", type=click.Path(dir_okay=True, path_type=str))(fn)
+
+
+def attention_options(what: str, ceiling: bool = False):
+    """--attention, --n-global, --n-local (and --ceiling) as chat, serve and score take them;
+    `what` names whose keys lminfinite keeps in a fixed-size ring."""
+    def decorate(fn):
+        if ceiling:
+            fn = click.option("--ceiling", type=click.IntRange(min=0), default=None,
+                              help="Distance ceiling for the global tokens "
+                                   "[default: n_local].")(fn)
+        fn = click.option("--n-local", type=click.IntRange(min=1), default=None,
+                          help="Local window in tokens [default: the model's training "
+                               "length].")(fn)
+        fn = click.option("--n-global", type=click.IntRange(min=0), default=None,
+                          help="Starting tokens kept forever [lminfinite default: 10].")(fn)
+        return click.option("--attention", type=click.Choice(PRESETS), default="lminfinite",
+                            show_default=True,
+                            help=f"lminfinite (Λ mask + distance ceiling: {what} stay in a "
+                                 "fixed-size ring), window (local window only), full "
+                                 "(unbounded cache: memory grows).")(fn)
+    return decorate
 
 
 def threads_option(fn):

@@ -14,7 +14,7 @@ import time
 
 import click
 
-from minillm.attention import PRESETS, attention_spec
+from minillm.attention import attention_spec
 from minillm.errors import MiniLLMError, WriteError
 from minillm.files import model_files, prepare_output, refuse_overlaps, same_file
 from minillm.scoring import NLLCurve, Scorer
@@ -23,6 +23,7 @@ from .common import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
     PROGRESS_EVERY_S,
+    attention_options,
     backend_options,
     load_model,
     model_argument,
@@ -91,15 +92,7 @@ class _Progress:
               help="Write 'position<TAB>token id<TAB>NLL' per prediction, flushed per chunk.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Draw NLL against position (log-spaced windows) into a PNG (needs matplotlib).")
-@click.option("--attention", type=click.Choice(PRESETS), default="lminfinite", show_default=True,
-              help="lminfinite (Λ mask + distance ceiling), window (local window only), "
-                   "full (unbounded cache: memory grows).")
-@click.option("--n-global", type=click.IntRange(min=0), default=None,
-              help="Starting tokens kept forever [lminfinite default: 10].")
-@click.option("--n-local", type=click.IntRange(min=1), default=None,
-              help="Local window [default: the model's training length].")
-@click.option("--ceiling", type=click.IntRange(min=0), default=None,
-              help="Distance ceiling for the global tokens [default: n_local].")
+@attention_options("the stream's keys", ceiling=True)
 @click.option("--chunk-size", type=click.IntRange(min=1), default=512, show_default=True,
               help="Tokens fed at a time.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, writable=True), default=None,

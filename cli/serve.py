@@ -7,9 +7,14 @@ import sys
 
 import click
 
-from minillm.attention import PRESETS
-
-from .common import FiniteFloat, backend_options, load_model, model_argument, reports_errors
+from .common import (
+    FiniteFloat,
+    attention_options,
+    backend_options,
+    load_model,
+    model_argument,
+    reports_errors,
+)
 
 
 def _http_stack():
@@ -34,12 +39,7 @@ def _http_stack():
               show_default=True, help="Requests that may wait for a slot; more get 503.")
 @click.option("--api-key", envvar="MINILLM_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' (also $MINILLM_API_KEY).")
-@click.option("--attention", type=click.Choice(PRESETS), default="lminfinite", show_default=True,
-              help="Attention preset: lminfinite keeps each conversation in a fixed-size ring.")
-@click.option("--n-global", type=click.IntRange(min=0), default=None,
-              help="Starting tokens kept forever (default 10; lminfinite only).")
-@click.option("--n-local", type=click.IntRange(min=1), default=None,
-              help="Local window in tokens (default: the model's training length).")
+@attention_options("each conversation's keys")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Most new tokens of a chat answer whose request names no max_tokens.")
 @click.option("--max-body-mb", type=click.IntRange(min=1), default=16, show_default=True,
