@@ -4,8 +4,8 @@ the math allows (NumPy only).
 A decode step is bound by reading the weights: one matrix-vector product per weight matrix.
 The chunk path (model.forward_staged) is built for many rows; for one row its per-chunk plan,
 row split and query-block bookkeeping, and the 2-D products that BLAS runs as small GEMMs,
-cost a fifth of the step on top of those reads (BENCHMARKS.md, issue 14). Here, for a step of
-B sessions, one new token each:
+made a step about 15% slower than this one (`make compare`, BENCHMARKS.md, issue 14). Here,
+for a step of B sessions, one new token each:
 
 - a weight product of one row is a GEMV (`W @ x` into a reused buffer); of a few rows, W is
   read in row blocks once for all of them (`weight_product`);
@@ -44,8 +44,8 @@ def weight_product(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
 
     One row is a GEMV. For a few rows BLAS's GEMM would first copy all of w into its packed
     layout (eight rows cost about four GEMVs), so w is taken in row blocks small enough for
-    OpenBLAS's small-matrix kernel: each block is read from memory once for all the rows, and
-    eight rows cost about 1.8 GEMVs of SmolLM2's weights.
+    OpenBLAS's small-matrix kernel: each block is read from memory once for all the rows
+    (eight sessions' steps give 2.3-2.6x the tokens/s of one session's: BENCHMARKS.md, issue 13).
     """
     if len(x) == 1:
         np.matmul(w, x[0], out=out[0])
