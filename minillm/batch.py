@@ -26,7 +26,14 @@ from .attention import ChunkPlan
 from .backend import Array, to_host
 from .cache import StagedChunk
 from .decode import Step, forward_one, weight_product
-from .model import Rotations, attention_input, attention_residual, mlp_residual, rms_norm
+from .model import (
+    Rotations,
+    RowBuffers,
+    attention_input,
+    attention_residual,
+    mlp_residual,
+    rms_norm,
+)
 from .rope import apply_rope, cos_sin
 from .session import Session, as_token_ids
 from .workspace import Workspace
@@ -59,36 +66,18 @@ class _BlockedProducts:
         return weight_product(x, w_t.T, out)
 
 
-class _Rows:
+class _Rows(RowBuffers):
     """What model.attention_input, attention_residual and mlp_residual read of a chunk, over
     the rows of every session at once (temporaries in the batch's own workspace)."""
 
     def __init__(self, cfg, work: Workspace, rot: Rotations, n_parts: int, n: int, xp):
-        d, n_h, n_kv, f = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size
         self.cfg, self.rot, self.xp = cfg, rot, xp
         self.rows = parallel.row_ranges(n, n_parts)
-        buf = work.buffer
-        self.attn_in = buf("attn_in", (n, cfg.hidden_size), n)
-        self.qkv = buf("qkv", (n, (n_h + 2 * n_kv) * d), n)
-        self.q_rot = buf("q_rot", (n_kv, n, n_h // n_kv, d), n)
-        self.attn = buf("attn", (n, n_h * d), n)  # every session's attention output
-        self.attn_out = buf("attn_out", (n, cfg.hidden_size), n)
-        self.mlp_in = buf("mlp_in", (n, cfg.hidden_size), n)
-        self.gate_up = buf("gate_up", (n, 2 * f), n)
-        self.silu = buf("silu", (n, f), n)
-        self.mlp_out = buf("mlp_out", (n, cfg.hidden_size), n)
-        self.q = self.qkv[:, :n_h * d].reshape(n, n_kv, n_h // n_kv, d).transpose(1, 0, 2, 3)
-        self.k = self.qkv[:, n_h * d:(n_h + n_kv) * d].reshape(n, n_kv, d).transpose(1, 0, 2)
-        self.v = self.qkv[:, (n_h + n_kv) * d:].reshape(n, n_kv, d).transpose(1, 0, 2)
-        layers = cfg.num_hidden_layers
-        self.staged = StagedChunk(buf("staged_k", (layers, n_kv, n, d), n),
-                                  buf("staged_v", (layers, n_kv, n, d), n), None)
-
-    def k_rot(self, layer: int) -> Array:
-        return self.staged.k[layer]
-
-    def by_rows(self, step, *args) -> None:
-        parallel.run(lambda _, rows: step(rows, *args, self), self.rows)
+        self.make_row_buffers(cfg, work, n)
+        d, n_kv, layers = cfg.head_dim, cfg.n_kv_heads, cfg.num_hidden_layers
+        self.attn = work.buffer("attn", (n, cfg.n_heads * d), n)  # every session's attention
+        self.staged = StagedChunk(work.buffer("staged_k", (layers, n_kv, n, d), n),
+                                  work.buffer("staged_v", (layers, n_kv, n, d), n), None)
 
 
 class Batch:

@@ -71,8 +71,38 @@ class ChunkAbandoned(Exception):
     """forward's stop() asked to abandon the chunk between layers: the cache is as it was."""
 
 
+class RowBuffers:
+    """The temporaries of the row-wise steps (attention_input, attention_residual,
+    mlp_residual), views into a workspace overwritten by every layer; subclasses set `rows`
+    (one slice per thread), `staged` and call `make_row_buffers`."""
+
+    def make_row_buffers(self, cfg: Config, work: Workspace, n: int) -> None:
+        d, n_h, n_kv, f = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size
+        buf = work.buffer
+        self.attn_in = buf("attn_in", (n, cfg.hidden_size), n)      # normed input of attention
+        self.qkv = buf("qkv", (n, (n_h + 2 * n_kv) * d), n)         # q | k | v, un-rotated
+        self.q_rot = buf("q_rot", (n_kv, n, n_h // n_kv, d), n)     # q rotated and scaled
+        self.attn_out = buf("attn_out", (n, cfg.hidden_size), n)    # attention @ Wo
+        self.mlp_in = buf("mlp_in", (n, cfg.hidden_size), n)        # normed input of the MLP
+        self.gate_up = buf("gate_up", (n, 2 * f), n)
+        self.silu = buf("silu", (n, f), n)
+        self.mlp_out = buf("mlp_out", (n, cfg.hidden_size), n)
+        # views of qkv per key/value head; query head h belongs to key/value head h // group
+        self.q = self.qkv[:, :n_h * d].reshape(n, n_kv, n_h // n_kv, d).transpose(1, 0, 2, 3)
+        self.k = self.qkv[:, n_h * d:(n_h + n_kv) * d].reshape(n, n_kv, d).transpose(1, 0, 2)
+        self.v = self.qkv[:, (n_h + n_kv) * d:].reshape(n, n_kv, d).transpose(1, 0, 2)
+
+    def k_rot(self, layer: int) -> Array:
+        """This layer's rotated keys [K, C, d]: its slice of the staged keys."""
+        return self.staged.k[layer]
+
+    def by_rows(self, step, *args) -> None:
+        """step(rows, *args, self) for every thread's rows at once."""
+        parallel.run(lambda _, rows: step(rows, *args, self), self.rows)
+
+
 @dataclass
-class Chunk:
+class Chunk(RowBuffers):
     """What every layer of one chunk shares: its attention plan and rotations, the rows each
     thread computes, and the temporaries (views into the session's workspace, overwritten by
     every layer). Every layer's keys and values are staged for the cache's commit at the end.
@@ -89,20 +119,9 @@ class Chunk:
 
     def __post_init__(self):
         cfg, n = self.cfg, len(self.plan.positions)
-        d, n_h, n_kv, f = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size
+        d, n_h, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        self.make_row_buffers(cfg, self.work, n)
         buf = self.work.buffer
-        self.attn_in = buf("attn_in", (n, cfg.hidden_size), n)      # normed input of attention
-        self.qkv = buf("qkv", (n, (n_h + 2 * n_kv) * d), n)         # q | k | v, un-rotated
-        self.q_rot = buf("q_rot", (n_kv, n, n_h // n_kv, d), n)     # q rotated and scaled
-        self.attn_out = buf("attn_out", (n, cfg.hidden_size), n)    # attention @ Wo
-        self.mlp_in = buf("mlp_in", (n, cfg.hidden_size), n)        # normed input of the MLP
-        self.gate_up = buf("gate_up", (n, 2 * f), n)
-        self.silu = buf("silu", (n, f), n)
-        self.mlp_out = buf("mlp_out", (n, cfg.hidden_size), n)
-        # views of qkv per key/value head; query head h belongs to key/value head h // group
-        self.q = self.qkv[:, :n_h * d].reshape(n, n_kv, n_h // n_kv, d).transpose(1, 0, 2, 3)
-        self.k = self.qkv[:, n_h * d:(n_h + n_kv) * d].reshape(n, n_kv, d).transpose(1, 0, 2)
-        self.v = self.qkv[:, (n_h + n_kv) * d:].reshape(n, n_kv, d).transpose(1, 0, 2)
         # every layer's keys (RoPE writes them there: k_rot(layer)) and values for the commit;
         # the un-rotated keys only of global positions (at most n_global rows)
         layers, n_g = cfg.num_hidden_layers, self.plan.write.n_global_rows
@@ -114,14 +133,6 @@ class Chunk:
             stored = self.middle.n_layers
             self.staged_middle_k = buf("staged_middle_k", (stored, n_kv, n, d), n)
             self.last_lse = buf("top_k_lse", (n_kv, n_h // n_kv), None)
-
-    def k_rot(self, layer: int) -> Array:
-        """This layer's rotated keys [K, C, d]: its slice of the staged keys."""
-        return self.staged.k[layer]
-
-    def by_rows(self, step, *args) -> None:
-        """step(rows, *args, chunk) for every thread's rows at once."""
-        parallel.run(lambda _, rows: step(rows, *args, self), self.rows)
 
 
 def block(x: Array, lw: LayerWeights, layer: int, chunk: Chunk) -> Array:
