@@ -54,7 +54,7 @@ class _Member:
 class _BlockedProducts:
     """NumPy, except that a weight product `matmul(x, W.T)` of a few rows x is
     decode.weight_product: W read in row blocks once for all the rows, on the calling thread
-    (split over two threads the blocks were slower on a 2-core machine; BENCHMARKS.md)."""
+    (a step of one id per session takes the decode step instead, which splits the blocks)."""
 
     def __getattr__(self, name):
         return getattr(np, name)
@@ -166,9 +166,11 @@ class Batch:
         return logits
 
     def _decode(self, sessions: Sequence[Session], tokens: np.ndarray) -> np.ndarray:
-        h, commit = forward_one(sessions, tokens, Step(self.model, self.work, len(sessions)))
+        step = Step(self.model, self.work, len(sessions))
+        h, commit = forward_one(sessions, tokens, step)
         w = self.model.weights
-        logits = weight_product(h, w.lm_head, np.empty((len(h), w.lm_head.shape[0]), np.float32))
+        with parallel.chunk_threads(step.parts):
+            logits = step.product(h, w.lm_head, np.empty((len(h), w.lm_head.shape[0]), np.float32))
         commit()
         for s, hidden in zip(sessions, h):
             s.last_hidden = hidden.copy()

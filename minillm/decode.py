@@ -8,7 +8,8 @@ made a step about 15% slower than this one (`make compare`, BENCHMARKS.md, issue
 for a step of B sessions, one new token each:
 
 - a weight product of one row is a GEMV (`W @ x` into a reused buffer); of a few rows, W is
-  read in row blocks once for all of them (`weight_product`);
+  read in row blocks once for all of them (`weight_product`), the blocks shared out over
+  parallel.workers() threads, as are the sessions' attention calls;
 - RoPE is one small product with the position's rotation matrix, made once per step and
   shared by all layers; the capped branch's rotation (at the ceiling) is made once per session;
 - a query's Λ mask is the slots it may not see (at most the ring slot its token overwrites)
@@ -28,33 +29,60 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import parallel
 from .cache import KVCache, StagedChunk, WritePlan
 from .errors import MiniLLMError
 from .middle import MiddleAttention
 from .model import ChunkAbandoned
 from .workspace import Workspace
 
-# a block of W for a few rows: rows x block rows x K elements within OpenBLAS's direct kernel
+# a block of W for a few rows: rows x block rows x K elements within OpenBLAS's small-matrix
+# kernel, which computes a block from cache at several times a GEMV's speed
 BLOCK_ELEMENTS = 640 * 1024
 BLOCK_ROWS_MIN = 16
 
 
-def weight_product(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
+def weight_product(x: np.ndarray, w: np.ndarray, out: np.ndarray,
+                   scratch: np.ndarray | None = None, parts: int = 1) -> np.ndarray:
     """x @ w.T into out, for x of one row or a few ([B, K]; w [O, K] as stored).
 
     One row is a GEMV. For a few rows BLAS's GEMM would first copy all of w into its packed
-    layout (eight rows cost about four GEMVs), so w is taken in row blocks small enough for
-    OpenBLAS's small-matrix kernel: each block is read from memory once for all the rows
-    (eight sessions' steps give 2.3-2.6x the tokens/s of one session's: BENCHMARKS.md, issue 13).
+    layout (eight rows cost about four GEMVs), so w is taken as a stack of row blocks small
+    enough for OpenBLAS's small-matrix kernel, each read from memory once for all the rows, in
+    one batched matmul call: NumPy drops the GIL for the whole stack, so `parts` threads
+    (parallel.run; the caller holds parallel.chunk_threads) each take a share of the blocks.
+    A loop of one call per block held the GIL between blocks, and two threads gained nothing
+    (BENCHMARKS.md, issue 13). scratch: a float32 buffer of at least B x O elements.
     """
     if len(x) == 1:
         np.matmul(w, x[0], out=out[0])
         return out
-    step = max(BLOCK_ROWS_MIN,
-               BLOCK_ELEMENTS // (len(x) * w.shape[1]) // BLOCK_ROWS_MIN * BLOCK_ROWS_MIN)
-    for a in range(0, w.shape[0], step):
-        np.matmul(x, w[a:a + step].T, out=out[:, a:a + step])
+    rows, (n_out, n_in) = len(x), w.shape
+    size = block_rows(n_out, n_in, rows, parts)
+    n_blocks = n_out // size
+    if not n_blocks or out.strides[-1] != out.itemsize:  # (the view of out below needs
+        return np.matmul(x, w.T, out=out)                # unit stride)
+    whole = n_blocks * size
+    blocks = w[:whole].reshape(n_blocks, size, n_in).transpose(0, 2, 1)
+    if scratch is None:
+        scratch = np.empty(rows * whole, np.float32)
+    by_block = scratch[:rows * whole].reshape(n_blocks, rows, size)
+
+    def part(i: int, r: slice) -> None:
+        np.matmul(x, blocks[r], out=by_block[r])
+        if i == 0 and whole < n_out:  # the rows after the last whole block: this thread's
+            np.matmul(x, w[whole:].T, out=out[:, whole:])
+    parallel.run(part, parallel.row_ranges(n_blocks, parts))
+    np.copyto(out[:, :whole].reshape(rows, n_blocks, size), by_block.transpose(1, 0, 2))
     return out
+
+
+def block_rows(n_out: int, n_in: int, rows: int, parts: int) -> int:
+    """Rows of w per block for `rows` rows of x: within BLOCK_ELEMENTS, a multiple of
+    BLOCK_ROWS_MIN, and at least one block per part where w has the rows."""
+    most = max(BLOCK_ROWS_MIN, BLOCK_ELEMENTS // (rows * n_in))
+    n_blocks = max(-(-n_out // most), parts)
+    return max(BLOCK_ROWS_MIN, n_out // n_blocks // BLOCK_ROWS_MIN * BLOCK_ROWS_MIN)
 
 
 def rotation(position: int, freq: np.ndarray, scale: float = 1.0) -> np.ndarray:
@@ -139,6 +167,13 @@ class Step:
         self.mlp_out = buf("decode_mlp_out", (rows, cfg.hidden_size), None)
         self.sum_sq = buf("decode_sum_sq", (rows, 1), None)
         self.lse = buf("decode_lse", (n_kv, n_h // n_kv), None)
+        widest = max(cfg.vocab_size, 2 * cfg.intermediate_size, (n_h + 2 * n_kv) * d)
+        self.blocks = buf("decode_blocks", (rows * widest,), None) if rows > 1 else None
+        # a step of several sessions spreads each weight product's blocks over the threads
+        self.parts = parallel.workers() if rows > 1 else 1
+
+    def product(self, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
+        return weight_product(x, w, out, self.blocks, self.parts)
 
 
 def forward_one(sessions: Sequence, tokens: Sequence[int], step: Step,
@@ -160,10 +195,11 @@ def forward_one(sessions: Sequence, tokens: Sequence[int], step: Step,
     r_k = np.stack([rotation(p, model.freq) for p in positions])
     x = step.x[:len(sessions)]
     np.take(w.embed, np.asarray(tokens), axis=0, out=x)
-    for layer, lw in enumerate(w.layers):
-        if stop is not None and stop():
-            raise ChunkAbandoned(f"abandoned before layer {layer}")
-        _layer(x, lw, layer, queries, r_q, r_k, step)
+    with parallel.chunk_threads(step.parts):
+        for layer, lw in enumerate(w.layers):
+            if stop is not None and stop():
+                raise ChunkAbandoned(f"abandoned before layer {layer}")
+            _layer(x, lw, layer, queries, r_q, r_k, step)
     h = _rms_norm(x, w.norm, cfg.rms_norm_eps, step, out=step.normed[:len(x)]).copy()
 
     def commit() -> None:
@@ -197,30 +233,24 @@ def _layer(x: np.ndarray, lw, layer: int, queries: list[Query], r_q: np.ndarray,
     cfg, b_rows = step.cfg, len(x)
     d, n_h, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     h = _rms_norm(x, lw.attn_norm, cfg.rms_norm_eps, step, out=step.normed[:b_rows])
-    qkv = weight_product(h, lw.w_qkv, step.qkv[:b_rows])
+    qkv = step.product(h, lw.w_qkv, step.qkv[:b_rows])
     q = qkv[:, :n_h * d].reshape(b_rows, n_h, d)
     k = qkv[:, n_h * d:(n_h + n_kv) * d].reshape(b_rows, n_kv, d)
     v = qkv[:, (n_h + n_kv) * d:].reshape(b_rows, n_kv, d)
     q_rot = np.matmul(q, r_q, out=step.q_rot[:b_rows])
     attn = step.attn[:b_rows]
-    for b, query in enumerate(queries):
-        st = query.staged
-        np.matmul(k[b], r_k[b], out=st.k[layer][:, 0])
-        st.v[layer][:, 0] = v[b]
-        if st.k_raw is not None:
-            st.k_raw[layer][:, 0] = k[b]
-        middle = query.middle
-        stored = middle is not None and middle.stores(layer)
-        if stored:
-            query.middle_k[layer - middle.first_layer][:, 0] = k[b]
-        lse = step.lse if stored and query.top_k else None
-        _attend(query, layer, q[b], q_rot[b], attn[b].reshape(n_kv, n_h // n_kv, d), step, lse)
-        if lse is not None:
-            middle.attend_last_row(layer, query.position, q[b].reshape(n_kv, n_h // n_kv, d),
-                                   attn[b], lse, np)
-    x += weight_product(attn, lw.wo, step.proj[:b_rows])
+
+    def attend(worker: int, sessions: slice) -> None:
+        for b in range(sessions.start, sessions.stop):
+            _attend_session(queries[b], layer, q[b], q_rot[b], k[b], v[b], r_k[b],
+                            attn[b], step, worker)
+    if step.parts > 1 and not any(query.top_k for query in queries):  # step.lse is one
+        parallel.run(attend, parallel.row_ranges(b_rows, step.parts))  # each its own caches
+    else:
+        attend(0, slice(0, b_rows))
+    x += step.product(attn, lw.wo, step.proj[:b_rows])
     h = _rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps, step, out=step.normed[:b_rows])
-    gate_up = weight_product(h, lw.w_gate_up, step.gate_up[:b_rows])
+    gate_up = step.product(h, lw.w_gate_up, step.gate_up[:b_rows])
     f = cfg.intermediate_size
     g, u = gate_up[:, :f], gate_up[:, f:]
     e = np.negative(g, out=step.silu[:b_rows])  # silu(g) * u = g * u / (1 + exp(-g))
@@ -228,11 +258,35 @@ def _layer(x: np.ndarray, lw, layer: int, queries: list[Query], r_q: np.ndarray,
     e += 1
     g *= u
     g /= e
-    x += weight_product(g, lw.w_down, step.mlp_out[:b_rows])
+    x += step.product(g, lw.w_down, step.mlp_out[:b_rows])
+
+
+def _attend_session(query: Query, layer: int, q: np.ndarray, q_rot: np.ndarray, k: np.ndarray,
+                    v: np.ndarray, r_k: np.ndarray, out: np.ndarray, step: Step,
+                    worker: int) -> None:
+    """One session's part of a layer's attention: its key and value staged, its query's
+    attention into out [H * d] (and its top-k middle keys, where on)."""
+    cfg = step.cfg
+    group = cfg.n_heads // cfg.n_kv_heads
+    st = query.staged
+    np.matmul(k, r_k, out=st.k[layer][:, 0])
+    st.v[layer][:, 0] = v
+    if st.k_raw is not None:
+        st.k_raw[layer][:, 0] = k
+    middle = query.middle
+    stored = middle is not None and middle.stores(layer)
+    if stored:
+        query.middle_k[layer - middle.first_layer][:, 0] = k
+    lse = step.lse if stored and query.top_k else None
+    _attend(query, layer, q, q_rot, out.reshape(cfg.n_kv_heads, group, cfg.head_dim), step,
+            lse, worker)
+    if lse is not None:
+        middle.attend_last_row(layer, query.position,
+                               q.reshape(cfg.n_kv_heads, group, cfg.head_dim), out, lse, np)
 
 
 def _attend(query: Query, layer: int, q: np.ndarray, q_rot: np.ndarray, out: np.ndarray,
-            step: Step, lse: np.ndarray | None) -> None:
+            step: Step, lse: np.ndarray | None, worker: int = 0) -> None:
     """One query's attention over [its cache's slots | its own key] into out [K, group, d].
 
     q: [H, d] un-rotated (for the capped branch); q_rot: [H, d] rotated, pre-scaled;
@@ -241,7 +295,7 @@ def _attend(query: Query, layer: int, q: np.ndarray, q_rot: np.ndarray, out: np.
     cache, n = query.cache, query.n
     n_kv, group, d = out.shape
     qg = q_rot.reshape(n_kv, group, d)
-    s = step.work.scores(n_kv * group * (n + 1)).reshape(n_kv, group, n + 1)
+    s = step.work.scores(n_kv * group * (n + 1), worker).reshape(n_kv, group, n + 1)
     np.matmul(qg, cache.k[layer][..., :n], out=s[..., :n])
     k_new, v_new = query.staged.k[layer], query.staged.v[layer]  # [K, 1, d]
     np.matmul(qg, k_new.transpose(0, 2, 1), out=s[..., n:])

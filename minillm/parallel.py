@@ -7,8 +7,10 @@ own rows (or, in attention, its own query blocks), with BLAS single-threaded mea
 releases the GIL in both. BLAS stays single-threaded for the whole chunk rather than per
 step: its idle threads spin for a while after each call and would take the cores back.
 
-Single tokens (decode) and short chunks stay on one thread with BLAS threaded: a thread
-hand-off costs tens of microseconds, as much as a whole GEMV.
+A single token (one session's decode step) and short chunks stay on one thread with BLAS
+threaded: a hand-off costs ~16 us, a GEMV of a small model's matrix not much more. A decode
+step of several sessions (minillm.decode) splits each weight product's row blocks and the
+sessions' attention over the same `workers()` threads.
 
 Before any measurement the worker count is BLAS's thread count on machines with up to
 SPLIT_MAX_THREADS of them, and 1 (no split, BLAS threaded as usual) above: on a 16-core host,
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from concurrent.futures import ThreadPoolExecutor, wait
+import threading
 from contextlib import nullcontext
 
 import numpy as np
@@ -129,45 +131,97 @@ def split(costs: list[float], n: int) -> list[range]:
 
 
 def run(fn, parts: list) -> None:
-    """fn(part_index, part) for every part: the first on this thread, the others on the pool
-    at the same time (the caller holds chunk_threads, so BLAS inside is single-threaded)."""
-    futures = []
-    if len(parts) > 1:
-        pool, size = _state.get("pool", (None, 0))
-        if size < len(parts) - 1:
-            size = len(parts) - 1
-            pool = ThreadPoolExecutor(size, thread_name_prefix="minillm")
-            _state["pool"] = pool, size
-        on_worker = _with_errstate(fn, np.geterr())
-        futures = [pool.submit(on_worker, i, part) for i, part in enumerate(parts) if i]
-    try:
+    """fn(part_index, part) for every part: the first on this thread, the others on worker
+    threads at the same time (the caller holds chunk_threads, so BLAS inside is
+    single-threaded). Returns once every part is done, and re-raises a worker's exception.
+
+    A call from another thread while one is running, or from inside fn, runs its parts one
+    after another on its own thread: the same results, without the second core.
+    """
+    if len(parts) == 1:
         fn(0, parts[0])
-    finally:  # never return while a worker still writes into shared buffers
-        if futures:
-            _wait_all(futures)
-    for f in futures:
-        f.result()  # re-raises a worker's exception here
-
-
-def _wait_all(futures) -> None:
-    """wait(futures), even when a signal handler raises meanwhile (a second Ctrl-C raises
-    KeyboardInterrupt in the middle of a chunk): its exception comes after the wait."""
+        return
+    if not _pool_lock.acquire(blocking=False):
+        for i, part in enumerate(parts):
+            fn(i, part)
+        return
     try:
-        wait(futures)
-    except BaseException:
-        while not all(f.done() for f in futures):
-            with contextlib.suppress(BaseException):
-                wait(futures)
-        raise
+        while len(_workers) < len(parts) - 1:
+            _workers.append(_Worker())
+        used = _workers[:len(parts) - 1]
+        errors = np.geterr()
+        for worker, i in zip(used, range(1, len(parts))):
+            worker.start(fn, i, parts[i], errors)
+        try:
+            fn(0, parts[0])
+        finally:  # never return while a worker still writes into shared buffers
+            outcomes = [worker.wait() for worker in used]
+        for _, interrupted in outcomes:  # a signal's exception first, then a worker's
+            if interrupted is not None:
+                raise interrupted
+        for failure, _ in outcomes:
+            if failure is not None:
+                raise failure
+    finally:
+        _pool_lock.release()
 
 
-def _with_errstate(fn, errors: dict):
-    """fn under the caller's NumPy floating-point error settings, which are per thread: a
-    worker would otherwise warn where its caller chose to be quiet."""
-    def call(*args):
-        with np.errstate(**errors):
-            return fn(*args)
-    return call
+class _Worker:
+    """A thread that runs one part at a time, handed over with two locks: a hand-off costs
+    about 16 us here, a ThreadPoolExecutor's submit and wait about 75 us, which a decode step
+    of several sessions, with ~150 hand-offs, would feel (BENCHMARKS.md, issue 13)."""
+
+    def __init__(self):
+        self._go, self._done = threading.Lock(), threading.Lock()
+        self._go.acquire()
+        self._done.acquire()
+        self._job = self._failure = None
+        threading.Thread(target=self._loop, name="minillm", daemon=True).start()
+
+    def start(self, fn, i: int, part, errors: dict) -> None:
+        self._job, self._failure = (fn, i, part, errors), None
+        self._go.release()
+
+    def wait(self) -> tuple[BaseException | None, BaseException | None]:
+        """Wait until the part is done, even when a signal handler raises meanwhile (a second
+        Ctrl-C raises KeyboardInterrupt in the middle of a chunk): (the part's exception, the
+        handler's), each None if none."""
+        interrupted = None
+        while True:
+            try:
+                self._done.acquire()
+                return self._failure, interrupted
+            except BaseException as e:  # noqa: BLE001 - the caller raises it once all are done
+                interrupted = interrupted or e
+
+    def _loop(self) -> None:
+        while True:
+            self._go.acquire()
+            fn, i, part, errors = self._job
+            try:
+                if np.geterr() != errors:  # the caller's settings: they are per thread
+                    np.seterr(**errors)
+                fn(i, part)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self._failure = e
+            finally:
+                self._job = None
+                self._done.release()
+
+
+_workers: list[_Worker] = []
+_pool_lock = threading.Lock()
+
+
+def _forget_workers() -> None:
+    """In a forked child the workers' threads are gone: start new ones when needed."""
+    global _pool_lock
+    _workers.clear()
+    _pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)
 
 
 def over_rows(fn, n_rows: int, xp) -> None:

@@ -122,3 +122,29 @@ def test_rotation_matrix_is_rope(model):
         want = apply_rope(x, cos * np.float32(0.125), sin * np.float32(0.125))
         np.testing.assert_allclose(x @ decode.rotation(p, model.freq, 0.125), want,
                                    atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("n_out,n_in", [(1000, 576), (96, 1536), (4, 7), (49152, 64)])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_weight_product_is_x_times_w_transposed(rows, n_out, n_in, parts):
+    """Whole blocks, a remainder, no whole block, many blocks; split over 1 to 3 threads."""
+    rng = np.random.default_rng(rows * n_out + parts)
+    x = rng.standard_normal((rows, n_in), dtype=np.float32)
+    w = rng.standard_normal((n_out, n_in), dtype=np.float32)
+    out = np.full((rows, n_out), np.nan, np.float32)
+    scratch = np.full(rows * n_out, np.nan, np.float32)
+    with minillm.parallel.chunk_threads(parts):
+        got = decode.weight_product(x, w, out, scratch, parts)
+    assert got is out
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(out, want, atol=2e-4 * np.sqrt(n_in), rtol=1e-5)
+
+
+def test_weight_product_writes_a_strided_out():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 32), dtype=np.float32)
+    w = rng.standard_normal((4096, 32), dtype=np.float32)
+    out = np.zeros((4, 8192), np.float32)[:, ::2]  # rows not contiguous in their last axis
+    decode.weight_product(x, w, out)
+    np.testing.assert_allclose(out, x @ w.T, atol=1e-4, rtol=1e-5)

@@ -5,6 +5,11 @@ two workers explicitly, so the threaded path (row halves, balanced attention-blo
 BLAS single-threaded meanwhile) runs everywhere.
 """
 
+import signal
+import threading
+import time
+import warnings
+
 import numpy as np
 import pytest
 from helpers import BACKEND, lambda_reference_logits, make_session, rng_ids
@@ -92,3 +97,61 @@ def test_splitting_does_not_grow_the_session(tiny_model, two_workers):
     before = s.nbytes
     s.feed(rng_ids(200, tiny_model.config.vocab_size, seed=14), chunk_size=64, logits="none")
     assert s.nbytes == before
+
+
+def test_workers_take_the_callers_floating_point_settings():
+    def overflow(i, part):
+        np.exp(np.float32(1000))
+
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        parallel.run(lambda i, part: i == 1 and overflow(i, part), [0, 1])
+    with np.errstate(over="ignore"), warnings.catch_warnings():  # the worker ran "raise" last
+        warnings.simplefilter("error")
+        parallel.run(overflow, [0, 1])
+
+
+def test_runs_from_two_threads_at_once_and_nested_runs_all_finish():
+    done, inside = [], threading.Event()
+    release = threading.Event()
+
+    def slow(i, part):
+        inside.set()
+        release.wait(5)
+        done.append(("slow", i))
+
+    t = threading.Thread(target=parallel.run, args=(slow, [0, 1]))
+    t.start()
+    inside.wait(5)
+    # the workers are busy: this call runs both of its parts on its own thread
+    parallel.run(lambda i, part: done.append(("other", i, threading.current_thread().name)),
+                 [0, 1])
+    release.set()
+    t.join(5)
+    me = threading.current_thread().name
+    assert [d for d in done if d[0] == "other"] == [("other", 0, me), ("other", 1, me)]
+    assert sorted(d for d in done if d[0] == "slow") == [("slow", 0), ("slow", 1)]
+    nested = []
+    parallel.run(lambda i, _: parallel.run(lambda j, __: nested.append((i, j)), [0, 1]), [0, 1])
+    assert sorted(nested) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_a_signal_during_the_wait_comes_after_the_workers_finish():
+    """A second Ctrl-C while the caller waits for a worker: KeyboardInterrupt is raised only
+    once the worker's part is done (it may be writing into buffers the caller reuses)."""
+    finished = []
+
+    def fn(i, part):
+        if i == 1:
+            time.sleep(0.3)
+            finished.append(time.monotonic())
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(0.05, lambda: signal.pthread_kill(threading.main_thread().ident,
+                                                          signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            parallel.run(fn, [0, 1])
+        raised = time.monotonic()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert finished and finished[0] <= raised
