@@ -8,7 +8,7 @@ releases the GIL in both. BLAS stays single-threaded for the whole chunk rather 
 step: its idle threads spin for a while after each call and would take the cores back.
 
 A single token (one session's decode step) and short chunks stay on one thread with BLAS
-threaded: a hand-off costs ~16 us, a GEMV of a small model's matrix not much more. A decode
+threaded: a hand-off costs ~30 us, a GEMV of a small model's matrix not much more. A decode
 step of several sessions (minillm.decode) splits each weight product's row blocks and the
 sessions' attention over the same `workers()` threads.
 
@@ -167,9 +167,10 @@ def run(fn, parts: list) -> None:
 
 
 class _Worker:
-    """A thread that runs one part at a time, handed over with two locks: a hand-off costs
-    about 16 us here, a ThreadPoolExecutor's submit and wait about 75 us, which a decode step
-    of several sessions, with ~150 hand-offs, would feel (BENCHMARKS.md, issue 13)."""
+    """A thread that runs one part at a time, handed over with two locks: a parallel.run of two
+    parts costs ~32 us on the 2-core test machine against ~44 us for a ThreadPoolExecutor's
+    submit and result (benchmarks/products.py), and a decode step of several sessions makes
+    ~150 of them."""
 
     def __init__(self):
         self._go, self._done = threading.Lock(), threading.Lock()
