@@ -141,14 +141,13 @@ def test_a_signal_during_the_wait_comes_after_the_workers_finish():
     finished = []
 
     def fn(i, part):
-        if i == 1:
+        if i == 1:  # the worker interrupts the caller, then goes on working
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             time.sleep(0.3)
             finished.append(time.monotonic())
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        threading.Timer(0.05, lambda: signal.pthread_kill(threading.main_thread().ident,
-                                                          signal.SIGINT)).start()
         with pytest.raises(KeyboardInterrupt):
             parallel.run(fn, [0, 1])
         raised = time.monotonic()
