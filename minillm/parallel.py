@@ -8,9 +8,9 @@ releases the GIL in both. BLAS stays single-threaded for the whole chunk rather 
 step: its idle threads spin for a while after each call and would take the cores back.
 
 A single token (one session's decode step) and short chunks stay on one thread with BLAS
-threaded: a hand-off costs ~30 us, a GEMV of a small model's matrix not much more. A decode
-step of several sessions (minillm.decode) splits each weight product's row blocks and the
-sessions' attention over the same `workers()` threads.
+threaded: a hand-off costs tens of microseconds, as much as a GEMV of a small model's
+matrix. A decode step of several sessions (minillm.decode) splits each weight product's row
+blocks and the sessions' attention over the same `workers()` threads.
 
 Before any measurement the worker count is BLAS's thread count on machines with up to
 SPLIT_MAX_THREADS of them, and 1 (no split, BLAS threaded as usual) above: on a 16-core host,
@@ -167,30 +167,28 @@ def run(fn, parts: list) -> None:
 
 
 class _Worker:
-    """A thread that runs one part at a time, handed over with two locks: a parallel.run of two
-    parts costs ~32 us on the 2-core test machine against ~44 us for a ThreadPoolExecutor's
-    submit and result (benchmarks/products.py), and a decode step of several sessions makes
-    ~150 of them."""
+    """A thread that runs one part at a time, started with a lock and waited for with an event
+    (which a second wait, after a signal's exception, finds set: no lost wake-up)."""
 
     def __init__(self):
-        self._go, self._done = threading.Lock(), threading.Lock()
+        self._go, self._done = threading.Lock(), threading.Event()
         self._go.acquire()
-        self._done.acquire()
         self._job = self._failure = None
         threading.Thread(target=self._loop, name="minillm", daemon=True).start()
 
     def start(self, fn, i: int, part, errors: dict) -> None:
         self._job, self._failure = (fn, i, part, errors), None
+        self._done.clear()
         self._go.release()
 
     def wait(self) -> tuple[BaseException | None, BaseException | None]:
         """Wait until the part is done, even when a signal handler raises meanwhile (a second
         Ctrl-C raises KeyboardInterrupt in the middle of a chunk): (the part's exception, the
         handler's), each None if none."""
-        interrupted = None
-        while True:
+        interrupted = None  # an Event, not a lock: waiting again after an interrupt that
+        while True:         # came just after the wait returned must not block
             try:
-                self._done.acquire()
+                self._done.wait()
                 return self._failure, interrupted
             except BaseException as e:  # noqa: BLE001 - the caller raises it once all are done
                 interrupted = interrupted or e
@@ -207,7 +205,7 @@ class _Worker:
                 self._failure = e
             finally:
                 self._job = None
-                self._done.release()
+                self._done.set()
 
 
 _workers: list[_Worker] = []
