@@ -148,14 +148,14 @@ def run(fn, parts: list) -> None:
     try:
         while len(_workers) < len(parts) - 1:
             _workers.append(_Worker())
-        used = _workers[:len(parts) - 1]
-        errors = np.geterr()
-        for worker, i in zip(used, range(1, len(parts))):
-            worker.start(fn, i, parts[i], errors)
+        errors, started = np.geterr(), []
         try:
+            for worker, i in zip(_workers, range(1, len(parts))):
+                worker.start(fn, i, parts[i], errors)
+                started.append(worker)
             fn(0, parts[0])
-        finally:  # never return while a worker still writes into shared buffers
-            outcomes = [worker.wait() for worker in used]
+        finally:  # never return while a worker still writes into shared buffers (a signal's
+            outcomes = [worker.wait() for worker in started]  # exception may come anywhere)
         for _, interrupted in outcomes:  # a signal's exception first, then a worker's
             if interrupted is not None:
                 raise interrupted
