@@ -14,7 +14,9 @@ for a step of B sessions, one new token each:
   shared by all layers; the capped branch's rotation (at the ceiling) is made once per session;
 - a query's Λ mask is the slots it may not see (at most the ring slot its token overwrites)
   and, on LM-Infinite's capped branch, a prefix of the global slots: both found once per step;
-- per layer, each session's attention is a dozen calls over its own cache.
+- per layer, each session's attention is two products over its own cache (scores, values);
+  the softmax of all the sessions a thread takes is a few calls over their scores side by
+  side (`Part`), so its cost hardly grows with the number of sessions.
 
 The math is the chunk path's, in the same order where it matters (scores over [cache | own
 key], one softmax, values): the logits agree to float32 rounding (tests hold them to 1e-5).
@@ -119,10 +121,11 @@ class Query:
     top_k: bool                     # the query attends to its top-k middle keys too
 
 
-def plan_query(session, position: int, top_k: bool) -> Query:
+def plan_query(session, position: int, top_k: bool, staged: StagedChunk) -> Query:
     """The Λ mask of a session's query at `position` over its cache's slots (the rule of
     attention.lambda_mask: local when closer than n_local, else capped when a global slot and
-    a ceiling is set, else masked), as masked slots and a capped prefix."""
+    a ceiling is set, else masked), as masked slots and a capped prefix. staged: where the
+    token's keys and values wait for the commit (k_raw is added here for a global position)."""
     spec, cache, middle = session.spec, session.cache, session.middle
     n = cache.n_used
     n_capped, masked = 0, None
@@ -142,9 +145,37 @@ def plan_query(session, position: int, top_k: bool) -> Query:
         middle_k = session.workspace.buffer(
             "staged_middle_k", (middle.n_layers, cfg.n_kv_heads, 1, cfg.head_dim), 1)
     write = cache.write_plan(np.array([position], dtype=np.int64))
+    staged = StagedChunk(staged.k, staged.v, session.staged_k_raw())
     return Query(cache, position, n, masked, n_capped,
-                 session.capped_rotation if n_capped else None, write, session.staged_one(),
+                 session.capped_rotation if n_capped else None, write, staged,
                  middle, middle_k, top_k and middle is not None)
+
+
+@dataclass
+class Part:
+    """A run of the step's sessions whose attention one thread computes, their scores side by
+    side in one row of `total` columns: session j's cache slots from offsets[j], then its own
+    key in column own[j]."""
+    rows: slice
+    queries: list[Query]
+    offsets: np.ndarray             # [m] each session's first column
+    own: np.ndarray                 # [m] each session's own key's column
+    owner: np.ndarray               # [total] the session of each column
+    masked: np.ndarray | None       # the columns no query may see (None: none)
+    total: int
+
+
+def plan_parts(queries: list[Query], n_parts: int) -> list[Part]:
+    parts = []
+    for rows in parallel.row_ranges(len(queries), n_parts):
+        qs = queries[rows]
+        widths = np.array([q.n + 1 for q in qs], dtype=np.intp)
+        own = np.cumsum(widths) - 1
+        offsets = own - widths + 1
+        masked = [off + q.masked for q, off in zip(qs, offsets) if q.masked is not None]
+        parts.append(Part(rows, qs, offsets, own, np.repeat(np.arange(len(qs)), widths),
+                          np.concatenate(masked) if masked else None, int(widths.sum())))
+    return parts
 
 
 class Step:
@@ -166,7 +197,9 @@ class Step:
         self.silu = buf("decode_silu", (rows, cfg.intermediate_size), None)
         self.mlp_out = buf("decode_mlp_out", (rows, cfg.hidden_size), None)
         self.sum_sq = buf("decode_sum_sq", (rows, 1), None)
-        self.lse = buf("decode_lse", (n_kv, n_h // n_kv), None)
+        # the new keys (rotated) and values wait here for the commit, session by session
+        self.staged_k = buf("decode_staged_k", (cfg.num_hidden_layers, rows, n_kv, d), None)
+        self.staged_v = buf("decode_staged_v", (cfg.num_hidden_layers, rows, n_kv, d), None)
         widest = max(cfg.vocab_size, 2 * cfg.intermediate_size, (n_h + 2 * n_kv) * d)
         self.blocks = buf("decode_blocks", (rows * widest,), None) if rows > 1 else None
         # a step of several sessions spreads each weight product's blocks over the threads
@@ -174,6 +207,10 @@ class Step:
 
     def product(self, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
         return weight_product(x, w, out, self.blocks, self.parts)
+
+    def staged(self, b: int) -> StagedChunk:
+        """Session b's staging buffers, as a chunk of one token ([layers, kv, 1, d])."""
+        return StagedChunk(self.staged_k[:, b, :, None], self.staged_v[:, b, :, None], None)
 
 
 def forward_one(sessions: Sequence, tokens: Sequence[int], step: Step,
@@ -189,7 +226,9 @@ def forward_one(sessions: Sequence, tokens: Sequence[int], step: Step,
     model = step.model
     cfg, w = model.config, model.weights
     positions = [s.position for s in sessions]
-    queries = [plan_query(s, p, top_k) for s, p in zip(sessions, positions)]
+    queries = [plan_query(s, p, top_k, step.staged(b))
+               for b, (s, p) in enumerate(zip(sessions, positions))]
+    parts = plan_parts(queries, step.parts)
     scale = 1 / np.sqrt(cfg.head_dim)
     r_q = np.stack([rotation(p, model.freq, scale) for p in positions])  # [B, d, d]
     r_k = np.stack([rotation(p, model.freq) for p in positions])
@@ -199,7 +238,7 @@ def forward_one(sessions: Sequence, tokens: Sequence[int], step: Step,
         for layer, lw in enumerate(w.layers):
             if stop is not None and stop():
                 raise ChunkAbandoned(f"abandoned before layer {layer}")
-            _layer(x, lw, layer, queries, r_q, r_k, step)
+            _layer(x, lw, layer, queries, parts, r_q, r_k, step)
     h = _rms_norm(x, w.norm, cfg.rms_norm_eps, step, out=step.normed[:len(x)]).copy()
 
     def commit() -> None:
@@ -228,8 +267,8 @@ def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, step: Step,
     return out
 
 
-def _layer(x: np.ndarray, lw, layer: int, queries: list[Query], r_q: np.ndarray,
-           r_k: np.ndarray, step: Step) -> None:
+def _layer(x: np.ndarray, lw, layer: int, queries: list[Query], parts: list[Part],
+           r_q: np.ndarray, r_k: np.ndarray, step: Step) -> None:
     cfg, b_rows = step.cfg, len(x)
     d, n_h, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     h = _rms_norm(x, lw.attn_norm, cfg.rms_norm_eps, step, out=step.normed[:b_rows])
@@ -238,16 +277,18 @@ def _layer(x: np.ndarray, lw, layer: int, queries: list[Query], r_q: np.ndarray,
     k = qkv[:, n_h * d:(n_h + n_kv) * d].reshape(b_rows, n_kv, d)
     v = qkv[:, (n_h + n_kv) * d:].reshape(b_rows, n_kv, d)
     q_rot = np.matmul(q, r_q, out=step.q_rot[:b_rows])
+    k_rot = np.matmul(k, r_k, out=step.staged_k[layer, :b_rows])
+    step.staged_v[layer, :b_rows] = v
+    for query, k_b in zip(queries, k):
+        if query.staged.k_raw is not None:  # a global position: its un-rotated key too
+            query.staged.k_raw[layer][:, 0] = k_b
+        if query.middle is not None and query.middle.stores(layer):
+            query.middle_k[layer - query.middle.first_layer][:, 0] = k_b
     attn = step.attn[:b_rows]
 
-    def attend(worker: int, sessions: slice) -> None:
-        for b in range(sessions.start, sessions.stop):
-            _attend_session(queries[b], layer, q[b], q_rot[b], k[b], v[b], r_k[b],
-                            attn[b], step, worker)
-    if step.parts > 1 and not any(query.top_k for query in queries):  # step.lse is one
-        parallel.run(attend, parallel.row_ranges(b_rows, step.parts))  # each its own caches
-    else:
-        attend(0, slice(0, b_rows))
+    def attend(worker: int, part: Part) -> None:
+        _attend(part, layer, q, q_rot, k_rot, v, attn, step, worker)
+    parallel.run(attend, parts)
     x += step.product(attn, lw.wo, step.proj[:b_rows])
     h = _rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps, step, out=step.normed[:b_rows])
     gate_up = step.product(h, lw.w_gate_up, step.gate_up[:b_rows])
@@ -261,56 +302,47 @@ def _layer(x: np.ndarray, lw, layer: int, queries: list[Query], r_q: np.ndarray,
     x += step.product(g, lw.w_down, step.mlp_out[:b_rows])
 
 
-def _attend_session(query: Query, layer: int, q: np.ndarray, q_rot: np.ndarray, k: np.ndarray,
-                    v: np.ndarray, r_k: np.ndarray, out: np.ndarray, step: Step,
-                    worker: int) -> None:
-    """One session's part of a layer's attention: its key and value staged, its query's
-    attention into out [H * d] (and its top-k middle keys, where on)."""
-    cfg = step.cfg
-    group = cfg.n_heads // cfg.n_kv_heads
-    st = query.staged
-    np.matmul(k, r_k, out=st.k[layer][:, 0])
-    st.v[layer][:, 0] = v
-    if st.k_raw is not None:
-        st.k_raw[layer][:, 0] = k
-    middle = query.middle
-    stored = middle is not None and middle.stores(layer)
-    if stored:
-        query.middle_k[layer - middle.first_layer][:, 0] = k
-    lse = step.lse if stored and query.top_k else None
-    _attend(query, layer, q, q_rot, out.reshape(cfg.n_kv_heads, group, cfg.head_dim), step,
-            lse, worker)
-    if lse is not None:
-        middle.attend_last_row(layer, query.position,
-                               q.reshape(cfg.n_kv_heads, group, cfg.head_dim), out, lse, np)
+def _attend(part: Part, layer: int, q: np.ndarray, q_rot: np.ndarray, k_rot: np.ndarray,
+            v: np.ndarray, out: np.ndarray, step: Step, worker: int) -> None:
+    """The attention of a part's queries, each over [its cache's slots | its own key], into
+    their rows of out [B, H d]: the scores of all of them in one row, so that the softmax is
+    a few calls for the part, not a few per session.
 
-
-def _attend(query: Query, layer: int, q: np.ndarray, q_rot: np.ndarray, out: np.ndarray,
-            step: Step, lse: np.ndarray | None, worker: int = 0) -> None:
-    """One query's attention over [its cache's slots | its own key] into out [K, group, d].
-
-    q: [H, d] un-rotated (for the capped branch); q_rot: [H, d] rotated, pre-scaled;
-    lse: receives the log-sum-exp of its scores [K, group] (top-k middle attention), or None.
+    q: [B, H, d] un-rotated (the capped branch, top-k); q_rot: [B, H, d] rotated and
+    pre-scaled; k_rot, v: [B, K, d] the new keys (rotated) and values.
     """
-    cache, n = query.cache, query.n
-    n_kv, group, d = out.shape
-    qg = q_rot.reshape(n_kv, group, d)
-    s = step.work.scores(n_kv * group * (n + 1), worker).reshape(n_kv, group, n + 1)
-    np.matmul(qg, cache.k[layer][..., :n], out=s[..., :n])
-    k_new, v_new = query.staged.k[layer], query.staged.v[layer]  # [K, 1, d]
-    np.matmul(qg, k_new.transpose(0, 2, 1), out=s[..., n:])
-    if query.n_capped:
-        m = query.n_capped
-        qc = np.matmul(q, query.capped_rotation).reshape(n_kv, group, d)
-        np.matmul(qc, cache.k_raw[layer][:, :m].transpose(0, 2, 1), out=s[..., :m])
-    if query.masked is not None:
-        s[..., query.masked] = -np.inf
-    top = s.max(axis=-1, keepdims=True)
-    s -= top
+    cfg, rows, m = step.cfg, part.rows, len(part.queries)
+    n_kv, d = cfg.n_kv_heads, cfg.head_dim
+    group = cfg.n_heads // n_kv
+    size = n_kv * group * part.total
+    buf = step.work.scores(2 * size, worker)
+    s = buf[:size].reshape(n_kv, group, part.total)
+    qg = q_rot[rows].reshape(m, n_kv, group, d)
+    for j, (query, first) in enumerate(zip(part.queries, part.offsets)):
+        n, cache = query.n, query.cache
+        np.matmul(qg[j], cache.k[layer][..., :n], out=s[..., first:first + n])
+        if query.n_capped:
+            c = query.n_capped
+            qc = np.matmul(q[rows.start + j], query.capped_rotation).reshape(n_kv, group, d)
+            np.matmul(qc, cache.k_raw[layer][:, :c].transpose(0, 2, 1),
+                      out=s[..., first:first + c])
+    own = np.matmul(qg, k_rot[rows][..., None])               # [m, K, group, 1]
+    s[..., part.own] = own[..., 0].transpose(1, 2, 0)
+    if part.masked is not None:
+        s[..., part.masked] = -np.inf
+    top = np.maximum.reduceat(s, part.offsets, axis=-1)      # [K, group, m]
+    s -= np.take(top, part.owner, axis=-1, out=buf[size:].reshape(s.shape), mode="clip")
     np.exp(s, out=s)
-    z = s.sum(axis=-1, keepdims=True)
-    if lse is not None:
-        np.add(top[..., 0], np.log(z[..., 0]), out=lse)
-    np.matmul(s[..., :n], cache.v[layer][:, :n], out=out)
-    out += s[..., n:] * v_new
-    out /= z
+    z = np.add.reduceat(s, part.offsets, axis=-1)
+    o = out[rows].reshape(m, n_kv, group, d)
+    for j, (query, first) in enumerate(zip(part.queries, part.offsets)):
+        n = query.n
+        np.matmul(s[..., first:first + n], query.cache.v[layer][:, :n], out=o[j])
+    o += s[..., part.own].transpose(2, 0, 1)[..., None] * v[rows][:, :, None]
+    o /= z.transpose(2, 0, 1)[..., None]
+    for j, query in enumerate(part.queries):
+        if query.top_k and query.middle.stores(layer):
+            lse = top[..., j] + np.log(z[..., j])
+            query.middle.attend_last_row(layer, query.position,
+                                         q[rows.start + j].reshape(n_kv, group, d),
+                                         out[rows.start + j], lse, np)

@@ -21,7 +21,7 @@ import numpy as np
 from . import parallel
 from .attention import AttentionSpec, attention_spec
 from .backend import Array, to_host
-from .cache import KVCache, StagedChunk, available_bytes, check_memory, out_of_memory, session_bytes
+from .cache import KVCache, available_bytes, check_memory, out_of_memory, session_bytes
 from .config import is_int
 from .decode import Step, forward_one, rotation
 from .errors import MiniLLMError
@@ -328,16 +328,15 @@ class Session:
             yield a, b, h
 
     # --- the decode step (minillm.decode) -------------------------------------------------
-    def staged_one(self) -> StagedChunk:
-        """Where the next single token's keys and values wait for the commit (the chunk
-        path's staging buffers, one row of them)."""
-        cfg, buf = self.model.config, self.workspace.buffer
-        shape = (cfg.num_hidden_layers, cfg.n_kv_heads, 1, cfg.head_dim)
-        k_raw = None
-        if self.position < self.spec.n_global:
-            k_raw = buf("staged_k_raw", (cfg.num_hidden_layers, cfg.n_kv_heads,
-                                         self.cache.n_global, cfg.head_dim), None)[:, :, :1]
-        return StagedChunk(buf("staged_k", shape, 1), buf("staged_v", shape, 1), k_raw)
+    def staged_k_raw(self) -> np.ndarray | None:
+        """Where the next single token's un-rotated keys wait for the commit when it is at a
+        global position ([layers, kv, 1, d]; the chunk path's buffer), else None."""
+        if self.position >= self.spec.n_global:
+            return None
+        cfg = self.model.config
+        return self.workspace.buffer("staged_k_raw", (cfg.num_hidden_layers, cfg.n_kv_heads,
+                                                      self.cache.n_global, cfg.head_dim),
+                                     None)[:, :, :1]
 
     @functools.cached_property
     def capped_rotation(self) -> np.ndarray | None:
