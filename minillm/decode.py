@@ -129,13 +129,17 @@ def plan_query(session, position: int, top_k: bool, staged: StagedChunk) -> Quer
     spec, cache, middle = session.spec, session.cache, session.middle
     n = cache.n_used
     n_capped, masked = 0, None
-    if spec.n_local is not None:
-        dist = position - cache.pos[:n]
-        out_of_window = np.flatnonzero(dist >= spec.n_local)
-        if spec.ceiling is not None:  # global slots hold positions 0, 1, ...: a prefix
-            n_capped = int(np.count_nonzero(out_of_window < min(n, spec.n_global)))
-            out_of_window = out_of_window[n_capped:]
-        masked = out_of_window if len(out_of_window) else None
+    if spec.n_local is not None:  # (found without a pass over the cache's positions)
+        # the global slots hold positions 0, 1, ...: those n_local or more back are a prefix
+        far = list(range(min(cache.n_global, n, max(0, position - spec.n_local + 1))))
+        if spec.ceiling is not None:
+            n_capped, far = len(far), []
+        # the ring holds the last n_local positions: only the oldest, in the slot this token
+        # overwrites, can be n_local back
+        slot = int(cache.slot_of(np.int64(position)))
+        if slot < n and position - int(cache.pos[slot]) >= spec.n_local:
+            far.append(slot)
+        masked = np.array(far, dtype=np.intp) if far else None
     middle_k = None
     if middle is not None:
         if middle.store.length != position:
