@@ -125,7 +125,7 @@ def plan_query(session, position: int, top_k: bool, staged: StagedChunk) -> Quer
     """The Λ mask of a session's query at `position` over its cache's slots (the rule of
     attention.lambda_mask: local when closer than n_local, else capped when a global slot and
     a ceiling is set, else masked), as masked slots and a capped prefix. staged: where the
-    token's keys and values wait for the commit (k_raw is added here for a global position)."""
+    token's keys and values wait for the commit (Step.staged)."""
     spec, cache, middle = session.spec, session.cache, session.middle
     n = cache.n_used
     n_capped, masked = 0, None
@@ -149,7 +149,6 @@ def plan_query(session, position: int, top_k: bool, staged: StagedChunk) -> Quer
         middle_k = session.workspace.buffer(
             "staged_middle_k", (middle.n_layers, cfg.n_kv_heads, 1, cfg.head_dim), 1)
     write = cache.write_plan(np.array([position], dtype=np.int64))
-    staged = StagedChunk(staged.k, staged.v, session.staged_k_raw())
     return Query(cache, position, n, masked, n_capped,
                  session.capped_rotation if n_capped else None, write, staged,
                  middle, middle_k, top_k and middle is not None)
@@ -170,6 +169,7 @@ class Part:
 
 
 def plan_parts(queries: list[Query], n_parts: int) -> list[Part]:
+    """The queries in n_parts contiguous runs (fewer when there are fewer queries)."""
     parts = []
     for rows in parallel.row_ranges(len(queries), n_parts):
         qs = queries[rows]
@@ -212,9 +212,11 @@ class Step:
     def product(self, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
         return weight_product(x, w, out, self.blocks, self.parts)
 
-    def staged(self, b: int) -> StagedChunk:
-        """Session b's staging buffers, as a chunk of one token ([layers, kv, 1, d])."""
-        return StagedChunk(self.staged_k[:, b, :, None], self.staged_v[:, b, :, None], None)
+    def staged(self, b: int, session) -> StagedChunk:
+        """Where the token of the step's session b waits for the commit, as a chunk of one
+        token ([layers, kv, 1, d]); its un-rotated keys too when it is at a global position."""
+        return StagedChunk(self.staged_k[:, b, :, None], self.staged_v[:, b, :, None],
+                           session.staged_k_raw())
 
 
 def forward_one(sessions: Sequence, tokens: Sequence[int], step: Step,
@@ -230,7 +232,7 @@ def forward_one(sessions: Sequence, tokens: Sequence[int], step: Step,
     model = step.model
     cfg, w = model.config, model.weights
     positions = [s.position for s in sessions]
-    queries = [plan_query(s, p, top_k, step.staged(b))
+    queries = [plan_query(s, p, top_k, step.staged(b, s))
                for b, (s, p) in enumerate(zip(sessions, positions))]
     parts = plan_parts(queries, step.parts)
     scale = 1 / np.sqrt(cfg.head_dim)
