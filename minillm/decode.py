@@ -163,7 +163,6 @@ class Part:
     queries: list[Query]
     offsets: np.ndarray             # [m] each session's first column
     own: np.ndarray                 # [m] each session's own key's column
-    owner: np.ndarray               # [total] the session of each column
     masked: np.ndarray | None       # the columns no query may see (None: none)
     total: int
 
@@ -177,8 +176,8 @@ def plan_parts(queries: list[Query], n_parts: int) -> list[Part]:
         own = np.cumsum(widths) - 1
         offsets = own - widths + 1
         masked = [off + q.masked for q, off in zip(qs, offsets) if q.masked is not None]
-        parts.append(Part(rows, qs, offsets, own, np.repeat(np.arange(len(qs)), widths),
-                          np.concatenate(masked) if masked else None, int(widths.sum())))
+        parts.append(Part(rows, qs, offsets, own, np.concatenate(masked) if masked else None,
+                          int(widths.sum())))
     return parts
 
 
@@ -321,8 +320,7 @@ def _attend(part: Part, layer: int, q: np.ndarray, q_rot: np.ndarray, k_rot: np.
     n_kv, d = cfg.n_kv_heads, cfg.head_dim
     group = cfg.n_heads // n_kv
     size = n_kv * group * part.total
-    buf = step.work.scores(2 * size, worker)
-    s = buf[:size].reshape(n_kv, group, part.total)
+    s = step.work.scores(size, worker).reshape(n_kv, group, part.total)
     qg = q_rot[rows].reshape(m, n_kv, group, d)
     for j, (query, first) in enumerate(zip(part.queries, part.offsets)):
         n, cache = query.n, query.cache
@@ -337,7 +335,8 @@ def _attend(part: Part, layer: int, q: np.ndarray, q_rot: np.ndarray, k_rot: np.
     if part.masked is not None:
         s[..., part.masked] = -np.inf
     top = np.maximum.reduceat(s, part.offsets, axis=-1)      # [K, group, m]
-    s -= np.take(top, part.owner, axis=-1, out=buf[size:].reshape(s.shape), mode="clip")
+    for j, (first, own) in enumerate(zip(part.offsets, part.own)):
+        s[..., first:own + 1] -= top[..., j:j + 1]
     np.exp(s, out=s)
     z = np.add.reduceat(s, part.offsets, axis=-1)
     o = out[rows].reshape(m, n_kv, group, d)
