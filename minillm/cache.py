@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import parallel
+from . import hostmem, parallel
 from .backend import Array, to_device, to_host
 from .config import Config
 from .errors import MiniLLMError
@@ -70,18 +70,12 @@ def session_bytes(cfg: Config, n_global: int, n_local: int | None, xp=np,
 
 def available_bytes(xp=np) -> int | None:
     """Memory a new session may still take: the GPU's free memory with CuPy (plus what CuPy's
-    pool holds unused), else the host's MemAvailable (Linux); None where it is not known."""
+    pool holds unused), else the host's (MemAvailable, within a container's cgroup limit:
+    minillm.hostmem); None where it is not known."""
     if xp is not np:
         free, _ = xp.cuda.runtime.memGetInfo()
         return int(free) + int(xp.get_default_memory_pool().free_bytes())
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # in kB
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return hostmem.available_bytes()
 
 
 def check_memory(need: int, xp=np) -> None:

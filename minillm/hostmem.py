@@ -1,0 +1,103 @@
+"""How much memory this process may still take on the host (Linux; None elsewhere).
+
+The machine's MemAvailable is not the answer inside a container: a Docker `--memory` or a
+systemd MemoryMax limit is a cgroup's, and a process that outgrows it is killed without a
+word. So the answer is the smaller of MemAvailable and, for the process's cgroup and each
+cgroup above it that has a limit, the limit minus the memory charged to it that cannot be
+given back (its usage less its inactive file cache, as container runtimes count a working
+set). Both cgroup versions are read: v2's unified tree and v1's memory controller.
+"""
+
+from __future__ import annotations
+
+import os
+
+MEMINFO = "/proc/meminfo"
+SELF_CGROUP = "/proc/self/cgroup"
+CGROUP_ROOT = "/sys/fs/cgroup"
+# v2 file names, then v1's: (limit, usage, the memory.stat key of inactive file pages)
+V2 = ("memory.max", "memory.current", "inactive_file")
+V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+NO_LIMIT = 1 << 60  # v1 writes "no limit" as a number near 2**63
+
+
+def available_bytes() -> int | None:
+    """min(MemAvailable, every enclosing cgroup's headroom); None where neither is known."""
+    known = [b for b in (mem_available(MEMINFO), cgroup_headroom(SELF_CGROUP, CGROUP_ROOT))
+             if b is not None]
+    return min(known) if known else None
+
+
+def mem_available(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cgroup_headroom(self_cgroup: str, root: str) -> int | None:
+    """The least headroom over the process's memory cgroup and its ancestors that have a
+    limit; None when no limit is found (or nothing can be read)."""
+    try:
+        with open(self_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hier, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hier == "0" and controllers == "":
+            return _headroom(root, path, V2)
+        if "memory" in controllers.split(","):
+            return _headroom(os.path.join(root, "memory"), path, V1)
+    return None
+
+
+def _headroom(mount: str, path: str, names: tuple[str, str, str]) -> int | None:
+    """The least room from the cgroup's directory up to the mount. Inside a container the
+    mount is often the cgroup itself (its path, from outside, does not exist below it): then
+    only the mount is read."""
+    mount = os.path.normpath(mount)
+    here = os.path.normpath(os.path.join(mount, path.strip("/")))
+    if not os.path.isdir(here):
+        here = mount
+    rooms = [_room(here, names)]
+    while here != mount:
+        here = os.path.dirname(here)
+        rooms.append(_room(here, names))
+    known = [r for r in rooms if r is not None]
+    return min(known) if known else None
+
+
+def _room(directory: str, names: tuple[str, str, str]) -> int | None:
+    limit_file, usage_file, inactive_key = names
+    limit = _read_int(os.path.join(directory, limit_file))
+    if limit is None or limit >= NO_LIMIT:
+        return None
+    usage = _read_int(os.path.join(directory, usage_file)) or 0
+    inactive = 0
+    try:
+        with open(os.path.join(directory, "memory.stat")) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == inactive_key:
+                    inactive = int(value)
+    except (OSError, ValueError):
+        pass
+    return max(0, limit - max(0, usage - inactive))
+
+
+def _read_int(path: str) -> int | None:
+    """The number in a cgroup file; None for a missing file or "max" (no limit)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
