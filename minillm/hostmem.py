@@ -47,12 +47,13 @@ def cgroup_headroom(self_cgroup: str, root: str) -> int | None:
             lines = f.read().splitlines()
     except OSError:
         return None
-    for line in lines:
-        hier, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if hier == "0" and controllers == "":
-            return _headroom(root, path, V2)
+    fields = [(line.split(":", 2) + ["", ""])[:3] for line in lines]
+    for _, controllers, path in fields:  # v1's memory controller (hybrid hosts have both)
         if "memory" in controllers.split(","):
             return _headroom(os.path.join(root, "memory"), path, V1)
+    for hierarchy, controllers, path in fields:
+        if hierarchy == "0" and controllers == "":
+            return _headroom(root, path, V2)
     return None
 
 

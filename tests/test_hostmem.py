@@ -82,6 +82,14 @@ def test_cgroup_v1_memory_controller(tree):
     assert hostmem.available_bytes() == GB
 
 
+def test_a_hybrid_host_reads_the_v1_memory_controller(tree):
+    """systemd's hybrid layout lists v2's unified line too (first, here); its memory limit is
+    the v1 controller's."""
+    write(tree / "self_cgroup", "0::/app\n4:memory:/app\n")
+    v1_cgroup(tree / "cgroup" / "memory" / "app", limit=3 * GB, usage=GB, inactive=0)
+    assert hostmem.available_bytes() == 2 * GB
+
+
 def test_usage_over_the_limit_leaves_no_room(tree):
     v2_cgroup(tree / "cgroup" / "app", limit=GB, usage=2 * GB, inactive=0)
     assert hostmem.available_bytes() == 0
