@@ -12,11 +12,12 @@ for a step of B sessions, one new token each:
   parallel.workers() threads, as are the sessions' attention calls;
 - RoPE is one small product with the position's rotation matrix, made once per step and
   shared by all layers; the capped branch's rotation (at the ceiling) is made once per session;
-- a query's Λ mask is the slots it may not see (at most the ring slot its token overwrites)
-  and, on LM-Infinite's capped branch, a prefix of the global slots: both found once per step;
+- a query's Λ mask is the slots it may not see (at most the ring slot its token overwrites,
+  and the global slots n_local back unless the capped branch takes them, as a prefix): found
+  once per step;
 - per layer, each session's attention is two products over its own cache (scores, values);
-  the softmax of all the sessions a thread takes is a few calls over their scores side by
-  side (`Part`), so its cost hardly grows with the number of sessions.
+  the sessions a thread takes have their scores side by side in one row (`Part`, within the
+  query-block score budget), whose mask, max, exp and sum are one call each.
 
 The math is the chunk path's, in the same order where it matters (scores over [cache | own
 key], one softmax, values): the logits agree to float32 rounding (tests hold them to 1e-5).
@@ -36,7 +37,7 @@ from .cache import KVCache, StagedChunk, WritePlan
 from .errors import MiniLLMError
 from .middle import MiddleAttention
 from .model import ChunkAbandoned
-from .workspace import Workspace
+from .workspace import Workspace, score_budget
 
 # a block of W for a few rows: rows x block rows x K elements within OpenBLAS's small-matrix
 # kernel, which computes a block from cache at several times a GEMV's speed
@@ -156,9 +157,8 @@ def plan_query(session, position: int, top_k: bool, staged: StagedChunk) -> Quer
 
 @dataclass
 class Part:
-    """A run of the step's sessions whose attention one thread computes, their scores side by
-    side in one row of `total` columns: session j's cache slots from offsets[j], then its own
-    key in column own[j]."""
+    """A run of the step's sessions whose scores lie side by side in one row of `total`
+    columns: session j's cache slots from offsets[j], then its own key in column own[j]."""
     rows: slice
     queries: list[Query]
     offsets: np.ndarray             # [m] each session's first column
@@ -167,18 +167,33 @@ class Part:
     total: int
 
 
-def plan_parts(queries: list[Query], n_parts: int) -> list[Part]:
-    """The queries in n_parts contiguous runs (fewer when there are fewer queries)."""
-    parts = []
-    for rows in parallel.row_ranges(len(queries), n_parts):
-        qs = queries[rows]
-        widths = np.array([q.n + 1 for q in qs], dtype=np.intp)
-        own = np.cumsum(widths) - 1
-        offsets = own - widths + 1
-        masked = [off + q.masked for q, off in zip(qs, offsets) if q.masked is not None]
-        parts.append(Part(rows, qs, offsets, own, np.concatenate(masked) if masked else None,
-                          int(widths.sum())))
-    return parts
+def plan_parts(queries: list[Query], n_threads: int, n_heads: int) -> list[list[Part]]:
+    """Each thread's share of the queries (contiguous, of about equal total width), cut into
+    runs whose scores fit the query-block score budget (workspace.score_budget: the row stays
+    in cache and its buffer never grows past the budget; a query wider than that alone)."""
+    widths = [q.n + 1 for q in queries]
+    columns = max(1, score_budget() // (4 * n_heads))
+    shares = []
+    for share in parallel.split(widths, n_threads):
+        runs, start, width = [], share.start, 0
+        for i in share:
+            if i > start and width + widths[i] > columns:
+                runs.append(_part(queries, slice(start, i)))
+                start, width = i, 0
+            width += widths[i]
+        runs.append(_part(queries, slice(start, share.stop)))
+        shares.append(runs)
+    return shares
+
+
+def _part(queries: list[Query], rows: slice) -> Part:
+    qs = queries[rows]
+    widths = np.array([q.n + 1 for q in qs], dtype=np.intp)
+    own = np.cumsum(widths) - 1
+    offsets = own - widths + 1
+    masked = [off + q.masked for q, off in zip(qs, offsets) if q.masked is not None]
+    return Part(rows, qs, offsets, own, np.concatenate(masked) if masked else None,
+                int(widths.sum()))
 
 
 class Step:
@@ -233,7 +248,7 @@ def forward_one(sessions: Sequence, tokens: Sequence[int], step: Step,
     positions = [s.position for s in sessions]
     queries = [plan_query(s, p, top_k, step.staged(b, s))
                for b, (s, p) in enumerate(zip(sessions, positions))]
-    parts = plan_parts(queries, step.parts)
+    shares = plan_parts(queries, step.parts, cfg.n_heads)
     scale = 1 / np.sqrt(cfg.head_dim)
     r_q = np.stack([rotation(p, model.freq, scale) for p in positions])  # [B, d, d]
     r_k = np.stack([rotation(p, model.freq) for p in positions])
@@ -243,7 +258,7 @@ def forward_one(sessions: Sequence, tokens: Sequence[int], step: Step,
         for layer, lw in enumerate(w.layers):
             if stop is not None and stop():
                 raise ChunkAbandoned(f"abandoned before layer {layer}")
-            _layer(x, lw, layer, queries, parts, r_q, r_k, step)
+            _layer(x, lw, layer, queries, shares, r_q, r_k, step)
     h = _rms_norm(x, w.norm, cfg.rms_norm_eps, step, out=step.normed[:len(x)]).copy()
 
     def commit() -> None:
@@ -272,7 +287,7 @@ def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, step: Step,
     return out
 
 
-def _layer(x: np.ndarray, lw, layer: int, queries: list[Query], parts: list[Part],
+def _layer(x: np.ndarray, lw, layer: int, queries: list[Query], shares: list[list[Part]],
            r_q: np.ndarray, r_k: np.ndarray, step: Step) -> None:
     cfg, b_rows = step.cfg, len(x)
     d, n_h, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
@@ -291,9 +306,10 @@ def _layer(x: np.ndarray, lw, layer: int, queries: list[Query], parts: list[Part
             query.middle_k[layer - query.middle.first_layer][:, 0] = k_b
     attn = step.attn[:b_rows]
 
-    def attend(worker: int, part: Part) -> None:
-        _attend(part, layer, q, q_rot, k_rot, v, attn, step, worker)
-    parallel.run(attend, parts)
+    def attend(worker: int, parts: list[Part]) -> None:
+        for part in parts:
+            _attend(part, layer, q, q_rot, k_rot, v, attn, step, worker)
+    parallel.run(attend, shares)
     x += step.product(attn, lw.wo, step.proj[:b_rows])
     h = _rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps, step, out=step.normed[:b_rows])
     gate_up = step.product(h, lw.w_gate_up, step.gate_up[:b_rows])
@@ -310,8 +326,9 @@ def _layer(x: np.ndarray, lw, layer: int, queries: list[Query], parts: list[Part
 def _attend(part: Part, layer: int, q: np.ndarray, q_rot: np.ndarray, k_rot: np.ndarray,
             v: np.ndarray, out: np.ndarray, step: Step, worker: int) -> None:
     """The attention of a part's queries, each over [its cache's slots | its own key], into
-    their rows of out [B, H d]: the scores of all of them in one row, so that the softmax is
-    a few calls for the part, not a few per session.
+    their rows of out [B, H d]: the scores of all of them in one row, so that the mask, the
+    max, the exp and the sum are one call each for the part (the shift by each query's max,
+    one per query).
 
     q: [B, H, d] un-rotated (the capped branch, top-k); q_rot: [B, H, d] rotated and
     pre-scaled; k_rot, v: [B, K, d] the new keys (rotated) and values.
@@ -330,8 +347,8 @@ def _attend(part: Part, layer: int, q: np.ndarray, q_rot: np.ndarray, k_rot: np.
             qc = np.matmul(q[rows.start + j], query.capped_rotation).reshape(n_kv, group, d)
             np.matmul(qc, cache.k_raw[layer][:, :c].transpose(0, 2, 1),
                       out=s[..., first:first + c])
-    own = np.matmul(qg, k_rot[rows][..., None])               # [m, K, group, 1]
-    s[..., part.own] = own[..., 0].transpose(1, 2, 0)
+    own_scores = np.matmul(qg, k_rot[rows][..., None])        # [m, K, group, 1]
+    s[..., part.own] = own_scores[..., 0].transpose(1, 2, 0)
     if part.masked is not None:
         s[..., part.masked] = -np.inf
     top = np.maximum.reduceat(s, part.offsets, axis=-1)      # [K, group, m]

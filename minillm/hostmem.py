@@ -45,7 +45,7 @@ def cgroup_headroom(self_cgroup: str, root: str) -> int | None:
     try:
         with open(self_cgroup) as f:
             lines = f.read().splitlines()
-    except OSError:
+    except (OSError, ValueError):  # (a cgroup name that is not UTF-8)
         return None
     fields = [(line.split(":", 2) + ["", ""])[:3] for line in lines]
     for _, controllers, path in fields:  # v1's memory controller (hybrid hosts have both)
@@ -63,8 +63,8 @@ def _headroom(mount: str, path: str, names: tuple[str, str, str]) -> int | None:
     only the mount is read."""
     mount = os.path.normpath(mount)
     here = os.path.normpath(os.path.join(mount, path.strip("/")))
-    if not os.path.isdir(here):
-        here = mount
+    if os.path.commonpath([here, mount]) != mount or not os.path.isdir(here):
+        here = mount  # (a path with "..", from outside the process's cgroup namespace)
     rooms = [_room(here, names)]
     while here != mount:
         here = os.path.dirname(here)
@@ -74,21 +74,31 @@ def _headroom(mount: str, path: str, names: tuple[str, str, str]) -> int | None:
 
 
 def _room(directory: str, names: tuple[str, str, str]) -> int | None:
+    """The cgroup's limit less its working set; None without a limit. v1's memory.stat also
+    gives the least limit of its ancestors (hierarchical_memory_limit), which a container
+    without its own cgroup namespace cannot read from their directories."""
     limit_file, usage_file, inactive_key = names
-    limit = _read_int(os.path.join(directory, limit_file))
-    if limit is None or limit >= NO_LIMIT:
+    stat = _read_stat(os.path.join(directory, "memory.stat"))
+    limits = [_read_int(os.path.join(directory, limit_file)),
+              stat.get("hierarchical_memory_limit")]
+    limits = [n for n in limits if n is not None and n < NO_LIMIT]
+    if not limits:
         return None
     usage = _read_int(os.path.join(directory, usage_file)) or 0
-    inactive = 0
+    return max(0, min(limits) - max(0, usage - stat.get(inactive_key, 0)))
+
+
+def _read_stat(path: str) -> dict[str, int]:
+    stat = {}
     try:
-        with open(os.path.join(directory, "memory.stat")) as f:
+        with open(path) as f:
             for line in f:
                 key, _, value = line.partition(" ")
-                if key == inactive_key:
-                    inactive = int(value)
+                if value.strip().isdigit():
+                    stat[key] = int(value)
     except (OSError, ValueError):
         pass
-    return max(0, limit - max(0, usage - inactive))
+    return stat
 
 
 def _read_int(path: str) -> int | None:
@@ -96,7 +106,7 @@ def _read_int(path: str) -> int | None:
     try:
         with open(path) as f:
             text = f.read().strip()
-    except OSError:
+    except (OSError, ValueError):
         return None
     try:
         return int(text)

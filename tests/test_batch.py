@@ -7,7 +7,7 @@ import pytest
 from helpers import BACKEND, make_session, rng_ids
 
 import minillm
-from minillm import parallel
+from minillm import decode, parallel, workspace
 from minillm.batch import FEW_ROWS, Batch
 from minillm.generate import generate_ids
 from minillm.sampling import SamplingParams
@@ -60,6 +60,30 @@ def test_decode_steps_equal_each_session_alone(model, workers):
         np.testing.assert_allclose(batch.feed(batched, pieces), alone(single, pieces),
                                    atol=1e-4, rtol=0)
     assert [s.position for s in batched] == [s.position for s in single]
+
+
+def test_decode_steps_cut_into_runs_within_the_score_budget(model, workers, monkeypatch):
+    """Sessions whose scores together pass the query-block score budget are attended in
+    several runs, each within it (a session wider than the budget alone): the same logits."""
+    n_heads = model.config.n_heads
+    columns = 60
+    monkeypatch.setattr(workspace, "_score_budget", [4 * n_heads * columns])
+    runs, original = [], decode._attend
+
+    def recorded(part, *args):
+        runs.append((len(part.queries), part.total))
+        return original(part, *args)
+
+    monkeypatch.setattr(decode, "_attend", recorded)
+    batched, single = sessions_pair(model)
+    batch = Batch(model)
+    vocab = model.config.vocab_size
+    for step in range(30):
+        pieces = [rng_ids(1, vocab, seed=3000 + 7 * step + i) for i in range(len(batched))]
+        np.testing.assert_allclose(batch.feed(batched, pieces), alone(single, pieces),
+                                   atol=1e-4, rtol=0)
+    assert all(total <= columns or n == 1 for n, total in runs)
+    assert any(n > 1 for n, _ in runs) and any(total > columns for _, total in runs)
 
 
 def test_pieces_of_any_length_together(model, workers):

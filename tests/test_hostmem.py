@@ -90,21 +90,50 @@ def test_a_hybrid_host_reads_the_v1_memory_controller(tree):
     assert hostmem.available_bytes() == 2 * GB
 
 
+def test_a_v1_ancestors_limit_from_hierarchical_memory_limit(tree):
+    """A v1 container without its own cgroup namespace sees only its cgroup: its parent's
+    limit comes in memory.stat."""
+    write(tree / "self_cgroup", "4:memory:/pod/x\n")
+    x = tree / "cgroup" / "memory" / "pod" / "x"
+    v1_cgroup(x, limit=9223372036854771712, usage=GB, inactive=0)
+    with open(x / "memory.stat", "a") as f:
+        f.write(f"hierarchical_memory_limit {3 * GB}\n")
+    assert hostmem.available_bytes() == 2 * GB
+
+
+def test_a_path_outside_the_namespace_reads_the_mount(tree):
+    """/proc/self/cgroup names ".." when the process's cgroup lies outside its namespace's
+    root: the walk stays within the mount (and ends)."""
+    write(tree / "self_cgroup", "0::/../..\n")
+    v2_cgroup(tree / "cgroup", limit=3 * GB, usage=GB, inactive=0)
+    assert hostmem.available_bytes() == 2 * GB
+
+
 def test_usage_over_the_limit_leaves_no_room(tree):
     v2_cgroup(tree / "cgroup" / "app", limit=GB, usage=2 * GB, inactive=0)
     assert hostmem.available_bytes() == 0
 
 
-@pytest.mark.parametrize("broken", ["missing", "garbage"])
+@pytest.mark.parametrize("broken", ["missing", "garbage", "not utf-8"])
 def test_unreadable_files_mean_unknown_not_a_crash(tree, broken):
     if broken == "garbage":
         write(tree / "meminfo", "MemAvailable: lots\n")
-        write(tree / "self_cgroup", "nonsense\n")
+        v2_cgroup(tree / "cgroup" / "app", limit=GB, usage=0, inactive=0)
         write(tree / "cgroup" / "app" / "memory.max", "a lot\n")
+        write(tree / "cgroup" / "app" / "memory.stat", "inactive_file many\n")
+    elif broken == "not utf-8":
+        (tree / "meminfo").unlink()
+        (tree / "self_cgroup").write_bytes(b"0::/\xff\xfe\n")
     else:
         (tree / "meminfo").unlink()
         (tree / "self_cgroup").unlink()
     assert hostmem.available_bytes() is None
+
+
+def test_a_garbled_stat_still_reads_the_limit(tree):
+    v2_cgroup(tree / "cgroup" / "app", limit=2 * GB, usage=GB, inactive=0)
+    write(tree / "cgroup" / "app" / "memory.stat", "inactive_file many\nanon\n")
+    assert hostmem.available_bytes() == GB
 
 
 @pytest.mark.skipif(BACKEND != "numpy", reason="a CuPy session's check reads the GPU's memory")
