@@ -4,8 +4,9 @@ For each stored length L: one session with top-k middle attention reads L tokens
 (the Python standard library's source), then generates tokens one at a time, alternately
 with top-k on and off (`feed(..., top_k_middle=False)`: the same step without the search),
 STEPS of each. Reported per L: seconds per generated token with and without top-k and their
-ratio, the share of blocks the min/max bounds pruned in those searches, the store's bytes on
-disk per 1M tokens, and RssAnon after the prompt (the store is on disk: memory must not grow
+ratio, the share of blocks the min/max bounds pruned in those searches and the share of the
+middle's keys that the 8-bit codes left to score exactly, the store's bytes on disk per 1M
+tokens, and RssAnon after the prompt (the store is on disk: memory must not grow
 with L).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/topk_speed.py \\
@@ -52,7 +53,7 @@ def measure(model, length: int, k: int, middle_dir: str) -> dict:
         prompt_s = time.perf_counter() - t
         rss = process_memory().get("rss_anon")
         stats = s.middle.store.stats
-        blocks0, visited0 = stats.blocks, stats.visited
+        blocks0, visited0, keys0, scored0 = stats.blocks, stats.visited, stats.keys, stats.scored
         on, off = [], []
         for i in range(2 * STEPS):
             top_k = i % 2 == 0
@@ -61,12 +62,14 @@ def measure(model, length: int, k: int, middle_dir: str) -> dict:
             (on if top_k else off).append(time.perf_counter() - t)
         searched = stats.blocks - blocks0
         pruned = 1 - (stats.visited - visited0) / searched if searched else None
+        scored = (stats.scored - scored0) / (stats.keys - keys0) if searched else None
         disk = s.middle_bytes
     return {"stored_tokens": length, "k": k, "prompt_seconds": round(prompt_s, 1),
             "top_k_s_per_token": round(float(np.median(on)), 4),
             "plain_s_per_token": round(float(np.median(off)), 4),
             "ratio": round(float(np.median(on) / np.median(off)), 2),
             "pruned_share": None if pruned is None else round(pruned, 4),
+            "scored_share": None if scored is None else round(scored, 5),
             "disk_bytes_per_1m_tokens": int(disk / (length + 2 * STEPS) * 1_000_000),
             "rss_anon_mb": None if rss is None else round(rss / 2**20, 1),
             "blas": blas_kernel()}

@@ -13,17 +13,26 @@ Every committed token's un-rotated keys and values of those layers go to a store
     k<m>, v<m>   keys and values of stored layer m, float16 (or float32)
     b<m>         per block of BLOCK tokens: element-wise min and max of its keys [2, kv, d]
     s<m>         per superblock of SUPERBLOCK blocks: the same over the superblock
+    c<m>         per full block: its keys in 8 bits [kv, BLOCK, d] (key-head-major, as the
+                 scan multiplies them), code = round((k - lo) / step) with lo the block's min
+                 and step = (max - min) / 255
+    e<m>         per full block: step, and the largest |k - (code * step + lo)| [2, kv, d]
+                 float32: the codes' exact error
 
-Files grow by appending (os.pwrite at the end); reads are os.pread of the blocks a search
-visits, so nothing of the store stays mapped or resident: the process holds only the bounds
-of the newest block and superblock per layer.
+Files grow by appending (os.pwrite at the end); reads are os.pread of what a search visits,
+so nothing of the store stays mapped or resident: the process holds only the bounds of the
+newest block and superblock per layer.
 
 The search is exact. For a query q (rotated, scaled) a box [lo, hi] bounds every key in it:
 <q, k> <= sum_i max(q_i lo_i, q_i hi_i). Scores and bounds are float64 sums of exact
 products (a float16 or float32 key times a float32 query is exact in float64), summed in the
-same order, so a bound is never below a score it covers. Superblocks and blocks are visited
-from the highest bound down; the search stops when, for every head, the k-th best score so
-far is above every bound not yet opened. Ties are ordered by score, then lower position.
+same order, so a bound is never below a score it covers. Superblocks are opened from the
+highest bound down; the search stops when, for every head, the k-th best score so far is
+above every bound not yet opened. An opened superblock is scanned through its codes, which
+NumPy turns into float32 about ten times faster than float16 keys: one float32 product per
+block gives every key's approximate score, within sum_i |q_i| err_i of the exact one (plus
+float32 rounding); only the keys that can still enter a head's top k within that error are
+read in full, scored by definition and ranked. Ties are ordered by score, then lower position.
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 STORE_PREFIX = "minillm-middle-"
 DEFAULT_FROM_LAYER = 4  # the official code's first top-k layer (zero-based)
 BOUND_SLACK = 1e-12     # relative: far above float64 rounding of a head_dim-term sum
-FILTER_SLACK = 1e-5     # relative: above float32 rounding of a head_dim-term dot product
+CODE_LEVELS = 255       # a code is 0..255: 8 bits a key element
 
 
 @dataclass(frozen=True)
@@ -90,11 +99,13 @@ def top_k_settings(cfg: Config, spec, k=0, from_layer=DEFAULT_FROM_LAYER,
 
 def store_bytes_per_token(cfg: Config, from_layer: int = DEFAULT_FROM_LAYER,
                           dtype: str = "float16") -> float:
-    """Disk bytes a token adds to the store: keys and values of the stored layers, plus their
-    share of the block and superblock bounds."""
+    """Disk bytes a token adds to the store: keys, values and key codes of the stored layers,
+    plus their share of the block and superblock records."""
     layers = max(cfg.num_hidden_layers - from_layer, 0)
-    row = layers * cfg.n_kv_heads * cfg.head_dim * np.dtype(DTYPES[dtype]).itemsize
-    return row * (2 + 2 / BLOCK + 2 / (BLOCK * SUPERBLOCK))
+    elements = layers * cfg.n_kv_heads * cfg.head_dim
+    size = np.dtype(DTYPES[dtype]).itemsize
+    # keys, values, codes; per block its bounds, step and error; per superblock its bounds
+    return elements * (2 * size + 1 + (2 * size + 2 * 4) / BLOCK + 2 * size / (BLOCK * SUPERBLOCK))
 
 
 # --- the store's folder: removed by close(), garbage collection and the interpreter's exit ----
@@ -146,38 +157,65 @@ def _pwrite(fd: int, data: np.ndarray, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _box_bounds(boxes: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _box_bounds(boxes: np.ndarray, q: np.ndarray) -> np.ndarray:
     """For boxes [n, 2, kv, d] (min, max) and queries q [kv, group, d] float64: upper bounds
-    [n, H] of <q_h, k> over the keys k inside each box, and the magnitudes [n, H], bounds of
-    sum_i |q_i k_i| (the scale of a score's rounding error)."""
+    [n, H] of <q_h, k> over the keys k inside each box (with a slack for float64 rounding)."""
     lo = boxes[:, 0, :, None, :].astype(np.float64)              # [n, kv, 1, d]
     hi = boxes[:, 1, :, None, :].astype(np.float64)
     lo_q, hi_q = lo * q, hi * q                                   # [n, kv, group, d]
-    terms = np.maximum(lo_q, hi_q)
-    magnitude = np.maximum(np.abs(lo_q), np.abs(hi_q)).sum(axis=-1).reshape(len(boxes), -1)
-    return terms.sum(axis=-1).reshape(len(boxes), -1) + BOUND_SLACK * magnitude, magnitude
+    magnitude = np.maximum(np.abs(lo_q), np.abs(hi_q)).sum(axis=-1)
+    bound = np.maximum(lo_q, hi_q).sum(axis=-1) + BOUND_SLACK * magnitude
+    return bound.reshape(len(boxes), -1)
 
 
-def exact_scores(keys: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """The scores that rank keys, by definition: [H, n] for keys [n, kv, d] (stored dtype) and
-    q [kv, group, d] float64 (head h = kv_head * group + g): float64 sums of exact products,
-    each row summed alone (so a key has the same score in any batch of rows)."""
-    k = keys[:, :, None, :].astype(np.float64)                   # [n, kv, 1, d]
-    return (k * q).sum(axis=-1).reshape(len(keys), -1).T
+def _rounding(head_dim: int) -> float:
+    """A float32 approximate score (a head_dim-term product of codes and step-scaled queries,
+    or of keys and queries) is within this times sum_i |q_i| max|k_i| (max over the key's
+    block) of the same sum in exact arithmetic: about 2 head_dim + 11 unit roundoffs, with
+    a margin of 4."""
+    return 8 * (head_dim + 8) * 2.0 ** -24
+
+
+def decode_codes(codes: np.ndarray, lo: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Keys back from their codes, float32: code * step + lo (the error the e-file records is
+    measured against exactly this)."""
+    return codes.astype(np.float32) * step + lo
+
+
+def quantize(keys: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit codes of full blocks of keys [layers, blocks * BLOCK, kv, d] (stored dtype) in
+    their blocks' boxes [layers, blocks, 2, kv, d]: codes [layers, blocks, kv, BLOCK, d] uint8
+    and per block [layers, blocks, 2, kv, d] float32 its step and the largest decoding error,
+    rounded up."""
+    layers, blocks = boxes.shape[:2]
+    k = keys.reshape(layers, blocks, -1, *keys.shape[2:]).astype(np.float32)
+    lo = boxes[:, :, None, 0].astype(np.float32)                  # [layers, blocks, 1, kv, d]
+    step = (boxes[:, :, None, 1].astype(np.float32) - lo) / np.float32(CODE_LEVELS)
+    scaled = np.divide(k - lo, step, out=np.zeros_like(k), where=step > 0)
+    codes = np.clip(np.rint(scaled), 0, CODE_LEVELS).astype(np.uint8)
+    error = np.abs(k.astype(np.float64) - decode_codes(codes, lo, step)).max(axis=2)
+    error32 = error.astype(np.float32)
+    error32 = np.where(error32 < error, np.nextafter(error32, np.float32(np.inf)), error32)
+    params = np.stack([step[:, :, 0], error32], axis=2)            # [layers, blocks, 2, kv, d]
+    return np.ascontiguousarray(codes.transpose(0, 1, 3, 2, 4)), params
 
 
 def _pair_scores(keys: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """exact_scores for (key row, query row) pairs: keys [P, d] stored dtype, q [P, d] float64
-    (the same per-row sums)."""
+    """Scores by definition for (key row, query row) pairs: keys [P, d] stored dtype, q [P, d]
+    float64: float64 sums of exact products, each row summed alone (so a key has the same
+    score however it was found)."""
     return (keys.astype(np.float64) * q).sum(axis=-1)
 
 
 @dataclass
 class SearchStats:
-    """How much of the middle the bounds pruned: blocks in the middles searched, blocks read."""
+    """How much of the middle the bounds pruned (blocks in the middles searched, blocks read)
+    and how many of its keys the codes left to score exactly."""
     searches: int = 0
     blocks: int = 0
     visited: int = 0
+    keys: int = 0
+    scored: int = 0
 
     @property
     def pruned_share(self) -> float | None:
@@ -203,13 +241,16 @@ class MiddleStore:
         self._finalizer = weakref.finalize(self, _remove, self._fds, self.path)
         try:
             self._files = {kind: [self._open(f"{kind}{m}") for m in range(n_layers)]
-                           for kind in "kvbs"}
+                           for kind in "kvbsce"}
         except OSError as e:
             self.close()
             raise WriteError(f"cannot create the middle store in {self.path} "
                              f"({e.strerror or e})") from None
+        self.record = (kv_heads, head_dim)
         self.row_bytes = kv_heads * head_dim * self.dtype.itemsize      # one token, one layer
         self.box_bytes = 2 * self.row_bytes                               # a min/max record
+        self.code_bytes = kv_heads * head_dim * block                     # a block's codes
+        self.param_bytes = 2 * kv_heads * head_dim * 4                    # a step/error record
         shape = (n_layers, 2, kv_heads, head_dim)
         self._block_box = np.empty(shape, self.dtype)  # the newest block's bounds, per layer
         self._super_box = np.empty(shape, self.dtype)  # the newest superblock's
@@ -254,13 +295,19 @@ class MiddleStore:
 
     def rewind(self, mark: tuple) -> None:
         """Back to a mark(): later appends are forgotten (their bytes are overwritten by the
-        next appends; a bound record they touched stays a valid, looser bound until then)."""
+        next appends; a bound record they touched stays a valid, looser bound until then, and
+        codes count only for blocks full within the length)."""
         self.length, block_box, super_box = mark
         self._block_box[...], self._super_box[...] = block_box, super_box
 
     def _check_open(self) -> None:
         if self.closed:
             raise ValueError("the middle store is closed (the session was closed)")
+
+    @property
+    def full_blocks(self) -> int:
+        """Blocks whose codes are written."""
+        return self.length // self.block
 
     # -- writing -------------------------------------------------------------------------
     def append(self, keys: Array, values: Array) -> None:
@@ -276,12 +323,22 @@ class MiddleStore:
         supers, super_box = self._boxes(blocks, b0, self.superblock, self._super_box,
                                         first_partial=start % (self.block * self.superblock) != 0)
         s0 = b0 // self.superblock
+        filled = (start + n) // self.block - b0          # blocks this append fills, from b0
         try:
+            if filled:  # their keys begin with what earlier appends wrote of block b0
+                head = np.stack([self.keys(m, b0 * self.block, start)
+                                 for m in range(self.n_layers)])
+                codes, params = quantize(np.concatenate([head, k[:, :filled * self.block
+                                                                 - len(head[0])]], axis=1),
+                                         blocks[:, :filled])
             for m in range(self.n_layers):
                 _pwrite(self._files["k"][m], k[m], start * self.row_bytes)
                 _pwrite(self._files["v"][m], v[m], start * self.row_bytes)
                 _pwrite(self._files["b"][m], blocks[m], b0 * self.box_bytes)
                 _pwrite(self._files["s"][m], supers[m], s0 * self.box_bytes)
+                if filled:
+                    _pwrite(self._files["c"][m], codes[m], b0 * self.code_bytes)
+                    _pwrite(self._files["e"][m], params[m], b0 * self.param_bytes)
         except OSError as e:
             raise WriteError(f"cannot write the middle store in {self.path} "
                              f"({e.strerror or e})") from None
@@ -313,26 +370,40 @@ class MiddleStore:
 
     # -- reading -------------------------------------------------------------------------
     def _read(self, kind: str, layer: int, first: int, stop: int, record: int,
-              shape: tuple) -> np.ndarray:
+              shape: tuple, dtype=None) -> np.ndarray:
         raw = _pread(self._files[kind][layer], first * record, (stop - first) * record)
-        return np.frombuffer(raw, dtype=self.dtype).reshape((stop - first,) + shape)
+        return np.frombuffer(raw, dtype=dtype or self.dtype).reshape((stop - first,) + shape)
 
     def keys(self, layer: int, first: int, stop: int) -> np.ndarray:
         """Keys of positions [first, stop): [n, kv_heads, head_dim], stored dtype."""
-        return self._read("k", layer, first, stop, self.row_bytes, (self.kv_heads, self.head_dim))
+        return self._read("k", layer, first, stop, self.row_bytes, self.record)
 
-    def _box_records(self, kind: str, layer: int, first: int, stop: int) -> np.ndarray:
-        return self._read(kind, layer, first, stop, self.box_bytes,
-                          (2, self.kv_heads, self.head_dim))
+    def _rows(self, kind: str, layer: int, positions: np.ndarray) -> np.ndarray:
+        """Rows [len(unique), kv, d] of the sorted unique `positions` (one read per run of
+        consecutive positions)."""
+        runs = np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1)
+        return np.concatenate([self._read(kind, layer, int(run[0]), int(run[-1]) + 1,
+                                          self.row_bytes, self.record) for run in runs])
+
+    def boxes(self, kind: str, layer: int, first: int, stop: int) -> np.ndarray:
+        """Bound records [first, stop) of the block ("b") or superblock ("s") file:
+        [n, 2, kv, d] (min, max), stored dtype."""
+        return self._read(kind, layer, first, stop, self.box_bytes, (2,) + self.record)
+
+    def codes(self, layer: int, first_block: int, stop_block: int):
+        """Full blocks [first_block, stop_block): codes [n, kv, BLOCK, d] uint8 and their
+        (step, error) records [n, 2, kv, d] float32."""
+        codes = self._read("c", layer, first_block, stop_block, self.code_bytes,
+                           (self.kv_heads, self.block, self.head_dim), np.uint8)
+        params = self._read("e", layer, first_block, stop_block, self.param_bytes,
+                            (2,) + self.record, np.float32)
+        return codes, params
 
     def values(self, layer: int, positions: np.ndarray, group: int) -> np.ndarray:
         """Values [H, k, head_dim] float32 of positions [H, k] (head h reads kv head
         h // group)."""
         unique = np.unique(positions)
-        fd = self._files["v"][layer]
-        rows = np.stack([np.frombuffer(_pread(fd, int(p) * self.row_bytes, self.row_bytes),
-                                       dtype=self.dtype) for p in unique])
-        rows = rows.reshape(len(unique), self.kv_heads, self.head_dim)
+        rows = self._rows("v", layer, unique)
         kv_of_head = np.arange(len(positions)) // group
         return rows[np.searchsorted(unique, positions), kv_of_head[:, None]].astype(np.float32)
 
@@ -352,12 +423,8 @@ class MiddleStore:
 
 
 class _Search:
-    """One exact top-k search (see the module docstring): superblocks and blocks are opened
-    from the highest bound down, a few blocks at a time.
-
-    A visited block's keys are first scored with one float32 matrix product, whose error is
-    below FILTER_SLACK times the key's magnitude bound; only keys that can still enter a
-    head's top k by that margin are scored by definition (exact_scores) and ranked."""
+    """One exact top-k search (see the module docstring): superblocks are opened from the
+    highest bound down, one at a time, and scanned through their codes."""
 
     def __init__(self, store: MiddleStore, layer: int, q: np.ndarray, first: int, last: int,
                  k: int):
@@ -365,18 +432,13 @@ class _Search:
         self.q32, self.q = q, q.astype(np.float64)                 # [kv, group, d]
         self.q_rows = self.q.reshape(-1, q.shape[-1])              # [H, d]
         self.n_heads, self.group = self.q_rows.shape[0], q.shape[1]
+        self.rounding = _rounding(q.shape[-1])
         self.first, self.last = first, last
-        self.block, self.superblock = store.block, store.superblock
-        self.b_first, self.b_last = first // self.block, last // self.block
-        s_first, s_last = self.b_first // self.superblock, self.b_last // self.superblock
-        boxes = store._box_records("s", layer, s_first, s_last + 1)
+        self.block, self.span = store.block, store.block * store.superblock
+        s_first, s_last = first // self.span, last // self.span
         self.super_ids = np.arange(s_first, s_last + 1)
-        self.super_bound = _box_bounds(boxes, self.q)[0]            # [n_super, H]
+        self.super_bound = _box_bounds(store.boxes("s", layer, s_first, s_last + 1), self.q)
         self.super_open = np.ones(len(self.super_ids), dtype=bool)
-        self.block_ids = np.empty(0, dtype=np.int64)
-        self.block_bound = np.empty((0, self.n_heads))
-        self.block_magnitude = np.empty((0, self.n_heads))
-        self.block_open = np.empty(0, dtype=bool)
         self.best = np.empty((self.n_heads, 0))                     # [H, <= k], best first
         self.best_pos = np.empty((self.n_heads, 0), dtype=np.int64)
         self.visited = self.keys_seen = 0
@@ -385,72 +447,88 @@ class _Search:
     def full(self) -> bool:
         return self.keys_seen >= self.k  # then every head has k scores
 
-    def _priority(self, bounds: np.ndarray, is_open: np.ndarray) -> np.ndarray:
-        """Until every head has k scores: the highest bound; then how far the best head's
-        bound is above its k-th score (below 0: nothing there can enter any head's top k)."""
-        if not len(bounds):
-            return np.empty(0)
-        p = (bounds - self.best[:, self.k - 1]).max(axis=-1) if self.full else bounds.max(-1)
-        return np.where(is_open, p, -np.inf)
-
     def run(self) -> tuple[np.ndarray, np.ndarray]:
-        while True:
-            p_super = self._priority(self.super_bound, self.super_open)
-            p_block = self._priority(self.block_bound, self.block_open)
-            top_super = p_super.max() if len(p_super) else -np.inf
-            top_block = p_block.max() if len(p_block) else -np.inf
-            top = max(top_super, top_block)
-            if top == -np.inf or (self.full and top < 0):
-                break
-            if top_super > top_block:
-                self._open_superblock(int(np.argmax(p_super)))
+        while self.super_open.any():
+            # until every head has k scores: the highest bound; then how far the best head's
+            # bound is above its k-th score (below 0: nothing there can enter any top k)
+            if self.full:
+                priority = (self.super_bound - self.best[:, self.k - 1]).max(axis=-1)
             else:
-                self._visit(p_block)
+                priority = self.super_bound.max(axis=-1)
+            priority[~self.super_open] = -np.inf
+            i = int(np.argmax(priority))
+            if self.full and priority[i] < 0:
+                break
+            self.super_open[i] = False
+            self._scan(int(self.super_ids[i]))
         stats = self.store.stats
         stats.searches += 1
-        stats.blocks += self.b_last - self.b_first + 1
+        stats.blocks += self.last // self.block - self.first // self.block + 1
         stats.visited += self.visited
+        stats.keys += self.last - self.first + 1
         return self.best, self.best_pos
 
-    def _open_superblock(self, i: int) -> None:
-        self.super_open[i] = False
-        s = int(self.super_ids[i])
-        first = max(s * self.superblock, self.b_first)
-        stop = min((s + 1) * self.superblock, self.b_last + 1)
-        bound, magnitude = _box_bounds(self.store._box_records("b", self.layer, first, stop),
-                                       self.q)
-        self.block_ids = np.concatenate([self.block_ids, np.arange(first, stop)])
-        self.block_bound = np.concatenate([self.block_bound, bound])
-        self.block_magnitude = np.concatenate([self.block_magnitude, magnitude])
-        self.block_open = np.concatenate([self.block_open, np.ones(stop - first, dtype=bool)])
+    def _scan(self, superblock: int) -> None:
+        """Approximate scores of a superblock's keys in the range, from their codes (the
+        newest block, not full yet, from its keys), then the exact scores of the keys that
+        can still enter a head's top k."""
+        a = max(superblock * self.span, self.first)
+        z = min((superblock + 1) * self.span, self.last + 1)
+        b_first, b_stop = a // self.block, (z - 1) // self.block + 1
+        b_coded = min(b_stop, self.store.full_blocks)
+        boxes = self.store.boxes("b", self.layer, b_first, b_stop)
+        # per key element, how far its approximation may be off: the codes' decoding error
+        # (none for the newest block's own keys) and float32 rounding, at most self.rounding
+        # of the element's largest size in its block
+        slack = self.rounding * np.abs(boxes.astype(np.float64)).max(axis=1)  # [blocks, kv, d]
+        approx = []
+        if b_coded > b_first:
+            codes, params = self.store.codes(self.layer, b_first, b_coded)
+            approx.append(self._coded_scores(codes, boxes[:b_coded - b_first, 0], params[:, 0]))
+            slack[:b_coded - b_first] += params[:, 1]
+        if b_stop > b_coded:  # the newest block: its keys as they are
+            keys = self.store.keys(self.layer, b_coded * self.block,
+                                   min(b_stop * self.block, self.store.length))
+            approx.append(self._key_scores(keys))
+        approx = np.concatenate(approx, axis=1)                     # [H, rows from b_first]
+        error = np.einsum("nkd,kgd->kgn", slack, np.abs(self.q)) * (1 + BOUND_SLACK)
+        error = np.repeat(error.reshape(self.n_heads, -1), self.block, axis=1)  # [H, rows]
+        offset = a - b_first * self.block
+        approx, error = approx[:, offset:offset + z - a], error[:, offset:offset + z - a]
+        self.visited += b_stop - b_first
+        heads, rows = self._candidates(approx, error)
+        self.keys_seen += z - a
+        if not len(rows):
+            return
+        positions = a + rows
+        unique = np.unique(positions)
+        self.store.stats.scored += len(unique)
+        keys = self.store._rows("k", self.layer, unique)[np.searchsorted(unique, positions),
+                                                         heads // self.group]
+        self._merge(heads, positions, _pair_scores(keys, self.q_rows[heads]))
 
-    def _visit(self, priority: np.ndarray) -> None:
-        """Score the next few blocks (1, 1, 2, 2, 3, 4, 5, 7, ...: a search that cannot prune
-        still takes few steps) and keep each head's k best."""
-        order = np.argsort(-priority, kind="stable")[:1 + self.visited // 2]
-        order = order[np.isfinite(priority[order]) & (priority[order] >= (0 if self.full
-                                                                          else -np.inf))]
-        self.block_open[order] = False
-        self.visited += len(order)
-        size, keys, positions, error = self.block, [], [], []
-        for i in order:
-            b = int(self.block_ids[i])
-            a, z = max(b * size, self.first), min(b * size + size, self.last + 1)
-            keys.append(self.store.keys(self.layer, a, z))
-            positions.append(np.arange(a, z))
-            error.append(np.repeat(FILTER_SLACK * self.block_magnitude[i][:, None], z - a, 1))
-        keys, positions = np.concatenate(keys), np.concatenate(positions)
-        heads, rows = self._candidates(keys, np.concatenate(error, axis=1))
-        kv_rows = keys[rows, heads // self.group]                     # [P, d]
-        self._merge(heads, positions[rows], _pair_scores(kv_rows, self.q_rows[heads]))
-        self.keys_seen += len(keys)
+    def _coded_scores(self, codes: np.ndarray, lo: np.ndarray, step: np.ndarray) -> np.ndarray:
+        """Approximate scores [H, n * BLOCK] of full blocks' keys from their codes [n, kv,
+        BLOCK, d]: <q, code * step + lo> as a float32 product of the codes with q * step per
+        block, plus <q, lo> in float64."""
+        n, kv, size, d = codes.shape
+        q_step = self.q32 * step[:, :, None]                               # [n, kv, group, d]
+        scores = np.matmul(codes, q_step.transpose(0, 1, 3, 2))            # [n, kv, size, g]
+        scores = scores.transpose(1, 3, 0, 2).astype(np.float64)           # [kv, g, n, size]
+        lo_term = np.einsum("nkd,kgd->kgn", lo.astype(np.float64), self.q)  # [kv, g, n]
+        scores += lo_term[..., None]
+        return scores.reshape(self.n_heads, n * size)
 
-    def _candidates(self, keys: np.ndarray, error: np.ndarray):
-        """(head, row) pairs whose float32 score, within its error, can reach the head's top
-        k: above the k-th score so far, and above the k-th lowest-possible score here."""
-        k32 = keys.astype(np.float32).transpose(1, 0, 2)             # [kv, n, d]
-        approx = np.matmul(k32, self.q32.transpose(0, 2, 1))         # [kv, n, group]
-        approx = approx.transpose(0, 2, 1).reshape(self.n_heads, -1)  # [H, n]
+    def _key_scores(self, keys: np.ndarray) -> np.ndarray:
+        """Approximate scores [H, n] of keys [n, kv, d] (stored dtype): one float32 product."""
+        k32 = keys.astype(np.float32).transpose(1, 0, 2)                  # [kv, n, d]
+        scores = np.matmul(k32, self.q32.transpose(0, 2, 1))              # [kv, n, group]
+        return scores.transpose(0, 2, 1).reshape(self.n_heads, -1).astype(np.float64)
+
+    def _candidates(self, approx: np.ndarray, error: np.ndarray):
+        """(head, row) pairs whose exact score, within the error of its approximation, can
+        reach the head's top k: above the k-th score so far, and above the k-th lowest-possible
+        score here."""
         threshold = np.full(self.n_heads, -np.inf)
         if self.full:
             threshold = self.best[:, self.k - 1]

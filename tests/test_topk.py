@@ -67,12 +67,15 @@ def search(store, q, first, last, k):
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_search_equals_brute_force_on_random_keys(tmp_path, dtype):
     rng = np.random.default_rng(0)
-    keys = rng.normal(size=(300, 2, 8)).astype(np.float32)
+    keys = rng.normal(size=(302, 2, 8)).astype(np.float32)  # the last block is not full
+    keys += rng.normal(size=(1, 2, 8)).astype(np.float32) * 4   # an offset, as real keys have
     store = filled_store(tmp_path, keys, dtype)
     stored = keys.astype(dtype)
-    for trial in range(30):
+    for trial in range(40):
         q = rng.normal(size=(2, 3, 8)).astype(np.float32)
-        first, last = sorted(rng.integers(0, 300, 2))
+        first, last = sorted(rng.integers(0, 302, 2))
+        if trial % 4 == 0:
+            last = 301                   # up to the newest key: the block without codes
         k = int(rng.integers(1, 12))
         want = None if last - first + 1 < k else brute_force(stored, q, first, last, k)
         got = search(store, q, first, last, k)
@@ -109,11 +112,82 @@ def test_search_ranks_scores_closer_than_float32_can_tell(tmp_path):
     keys = rng.normal(size=(300, 1, 16)).astype(np.float32)
     near = keys[40, 0] * (1 + rng.integers(-3, 4, size=(30, 16)) * np.float32(2 ** -23))
     keys[200:230, 0] = near.astype(np.float32)
-    store = filled_store(tmp_path, keys, "float32")
     q = keys[40:41, None, 0].copy() + np.float32(1e-3)  # [1, 1, 16]: near all of them
+    store = filled_store(tmp_path, keys, "float32")
     for first, last, k in [(0, 299, 5), (41, 299, 8), (0, 299, 31)]:
         np.testing.assert_array_equal(search(store, q, first, last, k),
                                       brute_force(keys, q, first, last, k))
+    # the near keys in the newest block, which has no codes yet: scored by a float32 product
+    tail = np.concatenate([keys[:280], keys[200:230]])
+    store = filled_store(tmp_path, tail, "float32", block=32, superblock=2)
+    assert store.full_blocks * 32 == 288     # positions 288-309 have no codes
+    for first, last, k in [(0, 309, 5), (100, 309, 12)]:
+        np.testing.assert_array_equal(search(store, q, first, last, k),
+                                      brute_force(tail, q, first, last, k))
+
+
+def test_codes_decode_within_their_recorded_error(tmp_path):
+    """Every full block's codes, appended in uneven pieces, decode to within the error its
+    record states, and that error is the codes' own (about half a step), not a loose one."""
+    from minillm.middle import decode_codes, quantize
+    rng = np.random.default_rng(5)
+    keys = (rng.normal(size=(150, 2, 8)) * rng.uniform(0.1, 9, size=(1, 2, 8))).astype(np.float32)
+    store = filled_store(tmp_path, keys, block=8, superblock=2)
+    assert store.full_blocks == 18
+    codes, params = store.codes(0, 0, 18)                     # [18, kv, 8, d], [18, 2, kv, d]
+    boxes = store.boxes("b", 0, 0, 18)
+    stored = keys[:144].astype(np.float16).reshape(18, 8, 2, 8).transpose(0, 2, 1, 3)
+    step, error = params[:, 0, :, None], params[:, 1, :, None]
+    decoded = decode_codes(codes, boxes[:, 0, :, None].astype(np.float32), step)
+    off = np.abs(stored.astype(np.float64) - decoded)
+    assert (off <= error).all()
+    assert (error <= step * 0.5001 + 1e-6).all() and error.max() > 0
+    # the same codes as one append of the whole blocks would give
+    one_go, one_params = quantize(keys[None, :144].astype(np.float16), boxes[None])
+    np.testing.assert_array_equal(codes, one_go[0])
+    np.testing.assert_array_equal(params, one_params[0])
+
+
+def test_search_exact_where_the_codes_blur_the_order(tmp_path):
+    """Blocks whose one far key makes the codes' step coarse (~0.8), the others near the
+    query with differences below a step: the codes misorder them, the search still must not."""
+    rng = np.random.default_rng(8)
+    q = rng.normal(size=(1, 1, 8)).astype(np.float32)
+    keys = q[0, 0] + rng.normal(size=(400, 1, 8)).astype(np.float32) * 0.3
+    keys[::8] = -100 * np.sign(q[0])            # far away, and far below in score
+    store = filled_store(tmp_path, keys, block=8, superblock=4)
+    for first, last, k in [(0, 399, 3), (5, 390, 10), (100, 399, 1)]:
+        np.testing.assert_array_equal(search(store, q, first, last, k),
+                                      brute_force(keys.astype(np.float16), q, first, last, k))
+
+
+def test_codes_leave_few_keys_to_score_exactly(tmp_path):
+    """The codes' approximate scores, not the exact ones, must do the scanning: on random
+    keys only a small share is read and scored by definition (a search that scored every
+    key would pass the exactness tests)."""
+    rng = np.random.default_rng(6)
+    keys = rng.normal(size=(8192, 2, 16)).astype(np.float32)
+    store = filled_store(tmp_path, keys, block=64, superblock=8, pieces=(300, 1, 77))
+    q = rng.normal(size=(2, 2, 16)).astype(np.float32)
+    np.testing.assert_array_equal(search(store, q, 10, 8000, 5),
+                                  brute_force(keys.astype(np.float16), q, 10, 8000, 5))
+    assert store.stats.pruned_share == 0       # random keys: no box bound prunes
+    assert store.stats.scored < 0.03 * 8000
+
+
+def test_search_after_rewinding_over_a_full_block(tmp_path):
+    """A rewind to inside a block, then other keys: the block's codes are written again."""
+    rng = np.random.default_rng(7)
+    keys = rng.normal(size=(60, 1, 4)).astype(np.float32)
+    store = filled_store(tmp_path, keys[:30])
+    mark = store.mark()
+    store.append(rng.normal(size=(1, 1, 30, 4)).astype(np.float32) * 50, np.zeros((1, 1, 30, 4)))
+    store.rewind(mark)
+    store.append(keys[30:].transpose(1, 0, 2)[None], np.zeros((1, 1, 30, 4)))
+    q = rng.normal(size=(1, 2, 4)).astype(np.float32)
+    for first, last, k in [(0, 59, 5), (7, 40, 3)]:
+        np.testing.assert_array_equal(search(store, q, first, last, k),
+                                      brute_force(keys.astype(np.float16), q, first, last, k))
 
 
 def test_search_prunes_blocks_far_below_the_best(tmp_path):
@@ -124,7 +198,7 @@ def test_search_prunes_blocks_far_below_the_best(tmp_path):
     q = rng.normal(size=(1, 1, 8)).astype(np.float32)
     for j in (123, 777, 1500):
         keys[j, 0] = q[0, 0]
-    store = filled_store(tmp_path, keys, block=16, superblock=8)
+    store = filled_store(tmp_path, keys, block=16, superblock=4)
     got = search(store, q, 0, 1999, 3)
     np.testing.assert_array_equal(np.sort(got[0]), [123, 777, 1500])
     assert store.stats.pruned_share > 0.8
@@ -485,5 +559,5 @@ def test_info_says_the_store_size(tiny_file):
 def test_info_store_size_of_smollm2(real_model_path):
     import json
     report = json.loads(invoke_cli("info", real_model_path, "--json").stdout)
-    # 26 layers x 3 kv heads x 64 x (key + value) x 2 bytes, plus the bounds
-    assert 19968 < report["middle_store_bytes_per_token"] < 19968 * 1.05
+    # 26 layers x 3 kv heads x 64 x (key + value: 2 bytes each, code: 1), plus the records
+    assert 24960 < report["middle_store_bytes_per_token"] < 24960 * 1.05
