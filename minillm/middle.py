@@ -60,6 +60,7 @@ STORE_PREFIX = "minillm-middle-"
 DEFAULT_FROM_LAYER = 4  # the official code's first top-k layer (zero-based)
 BOUND_SLACK = 1e-12     # relative: far above float64 rounding of a head_dim-term sum
 CODE_LEVELS = 255       # a code is 0..255: 8 bits a key element
+SCAN_SUPERBLOCKS = 8    # superblocks scanned in one pass at most (their temporaries: ~20 MB)
 
 
 @dataclass(frozen=True)
@@ -424,7 +425,7 @@ class MiddleStore:
 
 class _Search:
     """One exact top-k search (see the module docstring): superblocks are opened from the
-    highest bound down, one at a time, and scanned through their codes."""
+    highest bound down, a few at a time, and scanned through their codes."""
 
     def __init__(self, store: MiddleStore, layer: int, q: np.ndarray, first: int, last: int,
                  k: int):
@@ -448,6 +449,7 @@ class _Search:
         return self.keys_seen >= self.k  # then every head has k scores
 
     def run(self) -> tuple[np.ndarray, np.ndarray]:
+        opened = 0
         while self.super_open.any():
             # until every head has k scores: the highest bound; then how far the best head's
             # bound is above its k-th score (below 0: nothing there can enter any top k)
@@ -456,11 +458,19 @@ class _Search:
             else:
                 priority = self.super_bound.max(axis=-1)
             priority[~self.super_open] = -np.inf
-            i = int(np.argmax(priority))
-            if self.full and priority[i] < 0:
+            # the next few superblocks (1, 1, 2, 2, 3, 4, 5, 7, ...: a search that cannot
+            # prune takes few steps), neighbours scanned together
+            batch = np.argsort(-priority, kind="stable")[:1 + opened // 2]
+            batch = np.sort(batch[priority[batch] >= (0 if self.full else -np.inf)])
+            if not len(batch):
                 break
-            self.super_open[i] = False
-            self._scan(int(self.super_ids[i]))
+            self.super_open[batch] = False
+            opened += len(batch)
+            for run in np.split(batch, np.flatnonzero(np.diff(batch) != 1) + 1):
+                for at in range(0, len(run), SCAN_SUPERBLOCKS):
+                    piece = self.super_ids[run[at:at + SCAN_SUPERBLOCKS]]
+                    self._scan(max(int(piece[0]) * self.span, self.first),
+                               min((int(piece[-1]) + 1) * self.span, self.last + 1))
         stats = self.store.stats
         stats.searches += 1
         stats.blocks += self.last // self.block - self.first // self.block + 1
@@ -468,12 +478,10 @@ class _Search:
         stats.keys += self.last - self.first + 1
         return self.best, self.best_pos
 
-    def _scan(self, superblock: int) -> None:
-        """Approximate scores of a superblock's keys in the range, from their codes (the
-        newest block, not full yet, from its keys), then the exact scores of the keys that
-        can still enter a head's top k."""
-        a = max(superblock * self.span, self.first)
-        z = min((superblock + 1) * self.span, self.last + 1)
+    def _scan(self, a: int, z: int) -> None:
+        """Approximate scores of the keys [a, z) from their codes (the newest block, not full
+        yet, from its keys), then the exact scores of the keys that can still enter a head's
+        top k."""
         b_first, b_stop = a // self.block, (z - 1) // self.block + 1
         b_coded = min(b_stop, self.store.full_blocks)
         boxes = self.store.boxes("b", self.layer, b_first, b_stop)
