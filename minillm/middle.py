@@ -17,7 +17,7 @@ Every committed token's un-rotated keys and values of those layers go to a store
                  scan multiplies them), code = round((k - lo) / step) with lo the block's min
                  and step = (max - min) / 255
     e<m>         per full block: step, and the largest |k - (code * step + lo)| [2, kv, d]
-                 float32: the codes' exact error
+                 float32: the codes' measured error, rounded up
 
 Files grow by appending (os.pwrite at the end); reads are os.pread of what a search visits,
 so nothing of the store stays mapped or resident: the process holds only the bounds of the
@@ -60,7 +60,8 @@ STORE_PREFIX = "minillm-middle-"
 DEFAULT_FROM_LAYER = 4  # the official code's first top-k layer (zero-based)
 BOUND_SLACK = 1e-12     # relative: far above float64 rounding of a head_dim-term sum
 CODE_LEVELS = 255       # a code is 0..255: 8 bits a key element
-SCAN_SUPERBLOCKS = 8    # superblocks scanned in one pass at most (their temporaries: ~20 MB)
+SCAN_SUPERBLOCKS = 8    # superblocks scanned in one pass at most (temporaries ~2 MB a query head)
+UNDERFLOW = 2.0 ** -149  # float32's smallest step: what a product or sum near 0 may lose
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,8 @@ def _box_bounds(boxes: np.ndarray, q: np.ndarray) -> np.ndarray:
 def _rounding(head_dim: int) -> float:
     """A float32 approximate score (a head_dim-term product of codes and step-scaled queries,
     or of keys and queries) is within this times sum_i |q_i| max|k_i| (max over the key's
-    block) of the same sum in exact arithmetic: about 2 head_dim + 11 unit roundoffs, with
-    a margin of 4."""
+    block) of the same sum in exact arithmetic, away from underflow: about 2 head_dim + 5
+    unit roundoffs, taken 4 (2 head_dim + 16) to leave a margin."""
     return 8 * (head_dim + 8) * 2.0 ** -24
 
 
@@ -210,8 +211,9 @@ def _pair_scores(keys: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 @dataclass
 class SearchStats:
-    """How much of the middle the bounds pruned (blocks in the middles searched, blocks read)
-    and how many of its keys the codes left to score exactly."""
+    """How much of the middle the superblock bounds pruned (blocks in the middles searched,
+    blocks in the superblocks opened) and how many of its keys the codes left to score
+    exactly."""
     searches: int = 0
     blocks: int = 0
     visited: int = 0
@@ -247,7 +249,7 @@ class MiddleStore:
             self.close()
             raise WriteError(f"cannot create the middle store in {self.path} "
                              f"({e.strerror or e})") from None
-        self.record = (kv_heads, head_dim)
+        self.row_shape = (kv_heads, head_dim)
         self.row_bytes = kv_heads * head_dim * self.dtype.itemsize      # one token, one layer
         self.box_bytes = 2 * self.row_bytes                               # a min/max record
         self.code_bytes = kv_heads * head_dim * block                     # a block's codes
@@ -314,11 +316,16 @@ class MiddleStore:
     def append(self, keys: Array, values: Array) -> None:
         """Append C tokens: keys (un-rotated) and values [n_layers, kv_heads, C, head_dim]."""
         self._check_open()
-        k = np.ascontiguousarray(to_host(keys).transpose(0, 2, 1, 3), dtype=self.dtype)
+        with np.errstate(over="ignore"):  # a key float16 cannot hold is refused below
+            k = np.ascontiguousarray(to_host(keys).transpose(0, 2, 1, 3), dtype=self.dtype)
         v = np.ascontiguousarray(to_host(values).transpose(0, 2, 1, 3), dtype=self.dtype)
         start, n = self.length, k.shape[1]
         if not n:
             return
+        if not np.isfinite(k).all():
+            raise MiniLLMError(f"a key of the top-k layers is not finite in the middle store's "
+                               f"{self.dtype.name}" + (" (|k| > 65504): use middle_dtype float32"
+                                                       if self.dtype == np.float16 else ""))
         blocks, block_box = self._boxes(k, start, self.block, self._block_box)
         b0 = start // self.block
         supers, super_box = self._boxes(blocks, b0, self.superblock, self._super_box,
@@ -329,9 +336,8 @@ class MiddleStore:
             if filled:  # their keys begin with what earlier appends wrote of block b0
                 head = np.stack([self.keys(m, b0 * self.block, start)
                                  for m in range(self.n_layers)])
-                codes, params = quantize(np.concatenate([head, k[:, :filled * self.block
-                                                                 - len(head[0])]], axis=1),
-                                         blocks[:, :filled])
+                rest = k[:, :(b0 + filled) * self.block - start]
+                codes, params = quantize(np.concatenate([head, rest], axis=1), blocks[:, :filled])
             for m in range(self.n_layers):
                 _pwrite(self._files["k"][m], k[m], start * self.row_bytes)
                 _pwrite(self._files["v"][m], v[m], start * self.row_bytes)
@@ -377,19 +383,19 @@ class MiddleStore:
 
     def keys(self, layer: int, first: int, stop: int) -> np.ndarray:
         """Keys of positions [first, stop): [n, kv_heads, head_dim], stored dtype."""
-        return self._read("k", layer, first, stop, self.row_bytes, self.record)
+        return self._read("k", layer, first, stop, self.row_bytes, self.row_shape)
 
-    def _rows(self, kind: str, layer: int, positions: np.ndarray) -> np.ndarray:
+    def rows(self, kind: str, layer: int, positions: np.ndarray) -> np.ndarray:
         """Rows [len(unique), kv, d] of the sorted unique `positions` (one read per run of
         consecutive positions)."""
         runs = np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1)
         return np.concatenate([self._read(kind, layer, int(run[0]), int(run[-1]) + 1,
-                                          self.row_bytes, self.record) for run in runs])
+                                          self.row_bytes, self.row_shape) for run in runs])
 
     def boxes(self, kind: str, layer: int, first: int, stop: int) -> np.ndarray:
         """Bound records [first, stop) of the block ("b") or superblock ("s") file:
         [n, 2, kv, d] (min, max), stored dtype."""
-        return self._read(kind, layer, first, stop, self.box_bytes, (2,) + self.record)
+        return self._read(kind, layer, first, stop, self.box_bytes, (2,) + self.row_shape)
 
     def codes(self, layer: int, first_block: int, stop_block: int):
         """Full blocks [first_block, stop_block): codes [n, kv, BLOCK, d] uint8 and their
@@ -397,14 +403,14 @@ class MiddleStore:
         codes = self._read("c", layer, first_block, stop_block, self.code_bytes,
                            (self.kv_heads, self.block, self.head_dim), np.uint8)
         params = self._read("e", layer, first_block, stop_block, self.param_bytes,
-                            (2,) + self.record, np.float32)
+                            (2,) + self.row_shape, np.float32)
         return codes, params
 
     def values(self, layer: int, positions: np.ndarray, group: int) -> np.ndarray:
         """Values [H, k, head_dim] float32 of positions [H, k] (head h reads kv head
         h // group)."""
         unique = np.unique(positions)
-        rows = self._rows("v", layer, unique)
+        rows = self.rows("v", layer, unique)
         kv_of_head = np.arange(len(positions)) // group
         return rows[np.searchsorted(unique, positions), kv_of_head[:, None]].astype(np.float32)
 
@@ -461,6 +467,7 @@ class _Search:
             # the next few superblocks (1, 1, 2, 2, 3, 4, 5, 7, ...: a search that cannot
             # prune takes few steps), neighbours scanned together
             batch = np.argsort(-priority, kind="stable")[:1 + opened // 2]
+            batch = batch[self.super_open[batch]]
             batch = np.sort(batch[priority[batch] >= (0 if self.full else -np.inf)])
             if not len(batch):
                 break
@@ -499,7 +506,9 @@ class _Search:
                                    min(b_stop * self.block, self.store.length))
             approx.append(self._key_scores(keys))
         approx = np.concatenate(approx, axis=1)                     # [H, rows from b_first]
-        error = np.einsum("nkd,kgd->kgn", slack, np.abs(self.q)) * (1 + BOUND_SLACK)
+        error = np.einsum("nkd,kgd->kgn", slack, np.abs(self.q))
+        # near 0, float32 loses up to UNDERFLOW a product, sum and (times the code) q * step
+        error = (error + self.q.shape[-1] * (CODE_LEVELS + 2) * UNDERFLOW) * (1 + BOUND_SLACK)
         error = np.repeat(error.reshape(self.n_heads, -1), self.block, axis=1)  # [H, rows]
         offset = a - b_first * self.block
         approx, error = approx[:, offset:offset + z - a], error[:, offset:offset + z - a]
@@ -511,7 +520,7 @@ class _Search:
         positions = a + rows
         unique = np.unique(positions)
         self.store.stats.scored += len(unique)
-        keys = self.store._rows("k", self.layer, unique)[np.searchsorted(unique, positions),
+        keys = self.store.rows("k", self.layer, unique)[np.searchsorted(unique, positions),
                                                          heads // self.group]
         self._merge(heads, positions, _pair_scores(keys, self.q_rows[heads]))
 

@@ -175,6 +175,40 @@ def test_codes_leave_few_keys_to_score_exactly(tmp_path):
     assert store.stats.scored < 0.03 * 8000
 
 
+def test_search_opens_each_superblock_once(tmp_path):
+    """Fewer than k keys in the first superblocks opened: the next batch must take only
+    superblocks not yet scanned (a rescan would rank a position twice)."""
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(24, 1, 4)).astype(np.float32)
+    keys[6:8] += 5                   # the range's first superblock: highest bound, two keys
+    keys[8:16] += 2
+    store = filled_store(tmp_path, keys, block=4, superblock=2)
+    q = np.ones((1, 1, 4), np.float32)
+    np.testing.assert_array_equal(search(store, q, 6, 23, 11),
+                                  brute_force(keys.astype(np.float16), q, 6, 23, 11))
+
+
+def test_search_exact_for_keys_near_float32_underflow(tmp_path):
+    rng = np.random.default_rng(88)
+    keys = (rng.normal(size=(8, 1, 2)) * 1.7e-43).astype(np.float32)   # subnormal floats
+    q = rng.normal(size=(1, 1, 2)).astype(np.float32)
+    store = filled_store(tmp_path, keys, "float32", block=4, superblock=2)
+    for k in (1, 3):
+        np.testing.assert_array_equal(search(store, q, 0, 7, k), brute_force(keys, q, 0, 7, k))
+
+
+def test_keys_too_large_for_float16_are_refused(tmp_path):
+    keys = np.ones((1, 1, 4, 4), np.float32)
+    keys[0, 0, 2, 3] = -1e6                                   # -inf in float16
+    store = MiddleStore(1, 1, 4, tmp_path, "float16")
+    with pytest.raises(MiniLLMError, match="not finite in the middle store's float16"):
+        store.append(keys, np.zeros_like(keys))
+    assert store.length == 0
+    wide = MiddleStore(1, 1, 4, tmp_path, "float32")
+    wide.append(keys, np.zeros_like(keys))
+    assert wide.length == 4
+
+
 def test_search_after_rewinding_over_a_full_block(tmp_path):
     """A rewind to inside a block, then other keys: the block's codes are written again."""
     rng = np.random.default_rng(7)
