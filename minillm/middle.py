@@ -464,7 +464,7 @@ class _Search:
             else:
                 priority = self.super_bound.max(axis=-1)
             priority[~self.super_open] = -np.inf
-            # the next few superblocks (1, 1, 2, 2, 3, 4, 5, 7, ...: a search that cannot
+            # the next few superblocks (1, 1, 2, 3, 4, 6, 9, ...: a search that cannot
             # prune takes few steps), neighbours scanned together
             batch = np.argsort(-priority, kind="stable")[:1 + opened // 2]
             batch = batch[self.super_open[batch]]
