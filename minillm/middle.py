@@ -202,6 +202,11 @@ def quantize(keys: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.ascontiguousarray(codes.transpose(0, 1, 3, 2, 4)), params
 
 
+def _consecutive_runs(ids: np.ndarray) -> list[np.ndarray]:
+    """Sorted unique integers cut into runs of consecutive ones."""
+    return np.split(ids, np.flatnonzero(np.diff(ids) != 1) + 1)
+
+
 def _pair_scores(keys: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Scores by definition for (key row, query row) pairs: keys [P, d] stored dtype, q [P, d]
     float64: float64 sums of exact products, each row summed alone (so a key has the same
@@ -388,7 +393,7 @@ class MiddleStore:
     def rows(self, kind: str, layer: int, positions: np.ndarray) -> np.ndarray:
         """Rows [len(unique), kv, d] of the sorted unique `positions` (one read per run of
         consecutive positions)."""
-        runs = np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1)
+        runs = _consecutive_runs(positions)
         return np.concatenate([self._read(kind, layer, int(run[0]), int(run[-1]) + 1,
                                           self.row_bytes, self.row_shape) for run in runs])
 
@@ -473,7 +478,7 @@ class _Search:
                 break
             self.super_open[batch] = False
             opened += len(batch)
-            for run in np.split(batch, np.flatnonzero(np.diff(batch) != 1) + 1):
+            for run in _consecutive_runs(batch):
                 for at in range(0, len(run), SCAN_SUPERBLOCKS):
                     piece = self.super_ids[run[at:at + SCAN_SUPERBLOCKS]]
                     self._scan(max(int(piece[0]) * self.span, self.first),
