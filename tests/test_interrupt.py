@@ -446,16 +446,20 @@ def test_a_second_ctrl_c_exits_at_once_and_the_checkpoint_stays_whole(
         real_model, real_model_path, first_checkpoint, tmp_path):
     first, startup_cpu = first_checkpoint
     ckpt = tmp_path / "run.ckpt"
-    shutil.copy(first, ckpt)  # resumed and written to the same file, as one usually does
-    proc = start_inside_a_chunk(real_model_path, ckpt, ckpt, startup_cpu)
-    sent = time.monotonic()
-    # two signals sent at once may reach the process as one: repeat until it has heard two
-    while proc.poll() is None and time.monotonic() - sent < LATENCY_LIMIT_S:
-        proc.send_signal(signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=0.05)
-    out, err = proc.communicate(timeout=TIMEOUT)
-    latency = time.monotonic() - sent
+    for _ in range(3):
+        shutil.copy(first, ckpt)  # resumed and written to the same file, as one usually does
+        proc = start_inside_a_chunk(real_model_path, ckpt, ckpt, startup_cpu)
+        sent = time.monotonic()
+        # two signals sent at once may reach the process as one: repeat until it has heard two
+        while proc.poll() is None and time.monotonic() - sent < LATENCY_LIMIT_S:
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        latency = time.monotonic() - sent
+        # the first Ctrl-C alone may finish the run before a second one arrives: run again
+        if "interrupted again" in err.decode() or proc.returncode != 130:
+            break
     print(f"\nCtrl-C twice inside a 4096-token chunk: exit after {latency:.2f} s",
           file=sys.stderr)
     assert proc.returncode == 130, err.decode()
