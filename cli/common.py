@@ -171,6 +171,11 @@ def top_k_middle_options(default_k: int = 0):
                          default=None,
                          help="Folder for the middle store (a folder of its own is made in it "
                               "and removed at the end) [default: the temporary folder]."),
+            click.option("--top-k-neighbours", type=click.IntRange(min=0), default=0,
+                         show_default=True,
+                         help="Each of the K best middle tokens comes with N tokens on either "
+                              "side, read in order (not LM-Infinite's method: InfLLM's idea "
+                              "that tokens matter with their neighbours). 0: none."),
             click.option("--top-k-insert-at", type=click.IntRange(min=0), default=None,
                          help="Distance the top-k middle keys are scored at "
                               "[default: half the training length]."),
@@ -193,7 +198,7 @@ def top_k_middle_options(default_k: int = 0):
 def top_k_middle_settings(kw: dict) -> dict:
     """The top-k options taken out of a command's keywords, as model.session() keywords."""
     return {k: kw.pop(k) for k in ("top_k_middle", "top_k_from_layer", "top_k_insert_at",
-                                   "middle_dir")}
+                                   "top_k_neighbours", "middle_dir")}
 
 
 PROGRESS_EVERY_S = 0.5

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from minillm.passkey import SETTINGS
+from minillm.passkey import DEFAULT_SETTINGS, SETTINGS, TOP_K
 
 from .common import (
     backend_options,
@@ -51,7 +51,7 @@ def _comma_list(convert, check, what: str):
               help="Needle depths (0: right after the task's prefix, 1: before the question), "
                    "comma-separated: every trial count runs at each [default: a uniformly "
                    "random sentence boundary per trial].")
-@click.option("--settings", default=",".join(SETTINGS), show_default=True,
+@click.option("--settings", default=",".join(DEFAULT_SETTINGS), show_default=True,
               callback=_comma_list(str, lambda x: x in SETTINGS,
                                    f"one of {', '.join(SETTINGS)}"),
               help="Settings to compare, comma-separated.")
@@ -74,18 +74,23 @@ def passkey(model, lengths, trials, depths, settings, seed, as_json, n_global, n
 
     \b
     Settings: truncate (only the prompt's last n_local tokens), lminfinite,
-    lminfinite+topk (top-k middle attention, --top-k-middle), full (ordinary attention).
-    lminfinite and lminfinite+topk share the work of the prompt's first tokens.
+    lminfinite+topk (top-k middle attention, --top-k-middle), lminfinite+neighbours
+    (the same with --top-k-neighbours; not LM-Infinite's method), full (ordinary
+    attention). The lminfinite settings share the work of the prompt's first tokens.
     The accuracy per length and setting is printed to stderr at the end.
     """
     from minillm.passkey import PasskeySettings, run_passkey, summary
 
     top_k = top_k_middle_settings(kw)
-    if "lminfinite+topk" in settings and not top_k["top_k_middle"]:
-        raise click.UsageError("the lminfinite+topk setting needs --top-k-middle 1 or more")
+    for setting in set(settings) & set(TOP_K):
+        if not top_k["top_k_middle"]:
+            raise click.UsageError(f"the {setting} setting needs --top-k-middle 1 or more")
+    if "lminfinite+neighbours" in settings and not top_k["top_k_neighbours"]:
+        raise click.UsageError("the lminfinite+neighbours setting needs --top-k-neighbours 1 "
+                               "or more")
     opts = PasskeySettings(n_global=n_global, n_local=n_local, **top_k)
     m = load_model(model, backend, threads)
-    _check_settings(m, opts, "lminfinite+topk" in settings)
+    _check_settings(m, opts, bool(set(TOP_K) & set(settings)))
     on_sigterm_exit()  # SIGTERM unwinds: the middle store is removed, the summary printed
     records = []
     try:
@@ -106,7 +111,7 @@ def _check_settings(model, opts, top_k: bool) -> None:
         spec = attention_spec(model.config, "lminfinite", opts.n_global, opts.n_local)
         if top_k:
             top_k_settings(model.config, spec, opts.top_k_middle, opts.top_k_from_layer,
-                           opts.top_k_insert_at)
+                           opts.top_k_insert_at, opts.top_k_neighbours)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
 
@@ -114,5 +119,5 @@ def _check_settings(model, opts, top_k: bool) -> None:
 def _line(r: dict) -> str:
     mark = "correct" if r["correct"] else "wrong"
     return (f"length {r['length']} ({r['tokens']} tokens)  depth {r['depth']:.2f}  "
-            f"{r['setting']:<16} key {r['key']:<8} answer {r['answer']!r:<12} {mark}  "
+            f"{r['setting']:<21} key {r['key']:<8} answer {r['answer']!r:<12} {mark}  "
             f"{r['seconds']:.1f} s\n")

@@ -63,8 +63,8 @@ class Model:
 
     def session(self, attention: str = "lminfinite", n_global: int | None = None,
                 n_local: int | None = None, ceiling: int | None = None, **top_k):
-        """A new session; top_k: top_k_middle, top_k_from_layer, top_k_insert_at, middle_dir
-        (and middle_dtype), see minillm.session.Session."""
+        """A new session; top_k: top_k_middle, top_k_from_layer, top_k_insert_at,
+        top_k_neighbours, middle_dir (and middle_dtype), see minillm.session.Session."""
         from .session import Session
         return Session(self, attention, n_global, n_local, ceiling, **top_k)
 

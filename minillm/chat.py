@@ -159,14 +159,16 @@ class Chat:
     def __init__(self, model, system: str | None = None, attention: str = "lminfinite",
                  n_global: int | None = None, n_local: int | None = None, *,
                  top_k_middle: int = 0, top_k_from_layer: int = DEFAULT_FROM_LAYER,
-                 top_k_insert_at: int | None = None, middle_dir=None, **sampling):
+                 top_k_insert_at: int | None = None, top_k_neighbours: int = 0,
+                 middle_dir=None, **sampling):
         self.model = model
         self.tokenizer = model.tokenizer
         self.params = SamplingParams(**sampling)
         self.system = system
         self.session = model.session(attention, n_global, n_local, top_k_middle=top_k_middle,
                                      top_k_from_layer=top_k_from_layer,
-                                     top_k_insert_at=top_k_insert_at, middle_dir=middle_dir)
+                                     top_k_insert_at=top_k_insert_at,
+                                     top_k_neighbours=top_k_neighbours, middle_dir=middle_dir)
         if model.chat_template:
             self.template, self.stop_text = ChatTemplate(model.chat_template, self.tokenizer), ()
         else:

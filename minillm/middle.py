@@ -7,6 +7,12 @@ token of each `feed` call also attends to the k middle keys with the highest sco
 per query head from its key/value head's keys, scored at that value in the same softmax as
 the global and local keys. A middle of fewer than k keys means no top-k for that query.
 
+With `neighbours` n > 0 (not the paper's method: InfLLM's idea that tokens matter with their
+neighbours, off by default) each of a head's k best tokens brings the n middle tokens on
+either side of it. The chosen positions form runs of consecutive tokens; a run keeps its
+order, its last token scored at insert_at and each earlier one a step further (insert_at + 1,
+...), so the model reads it as a piece of text, not as loose tokens.
+
 Every committed token's un-rotated keys and values of those layers go to a store on disk
 (`MiddleStore`), one file per layer and kind, token-major ([tokens, kv_heads, head_dim]):
 
@@ -67,20 +73,23 @@ UNDERFLOW = 2.0 ** -149  # float32's smallest step: what a product or sum near 0
 @dataclass(frozen=True)
 class TopK:
     """Top-k middle settings: k keys per query head, in layers >= from_layer, scored with the
-    query rotated to insert_at."""
+    query rotated to insert_at; each with its `neighbours` tokens on either side (0: none)."""
     k: int
     from_layer: int
     insert_at: int
+    neighbours: int = 0
 
 
 def top_k_settings(cfg: Config, spec, k=0, from_layer=DEFAULT_FROM_LAYER,
-                   insert_at=None) -> TopK | None:
+                   insert_at=None, neighbours=0) -> TopK | None:
     """Check the top-k options (TypeError on a wrong type, ValueError out of range); None when
     top-k is off (k == 0)."""
     for name, value in (("top_k_middle", k), ("top_k_from_layer", from_layer),
-                        ("top_k_insert_at", insert_at)):
+                        ("top_k_insert_at", insert_at), ("top_k_neighbours", neighbours)):
         if value is not None and not is_int(value):
             raise TypeError(f"{name} must be an int (got {type(value).__name__} {value!r})")
+    if neighbours is None or neighbours < 0:
+        raise ValueError(f"top_k_neighbours must be 0 (none) or more (got {neighbours})")
     if k is None or k < 0:
         raise ValueError(f"top_k_middle must be 0 (off) or more (got {k})")
     if from_layer is None or from_layer < 0:
@@ -96,7 +105,7 @@ def top_k_settings(cfg: Config, spec, k=0, from_layer=DEFAULT_FROM_LAYER,
         raise ValueError(f"top_k_from_layer must be below the model's {cfg.num_hidden_layers} "
                          f"layers (got {from_layer})")
     insert_at = cfg.max_position_embeddings // 2 if insert_at is None else int(insert_at)
-    return TopK(int(k), int(from_layer), insert_at)
+    return TopK(int(k), int(from_layer), insert_at, int(neighbours))
 
 
 def store_bytes_per_token(cfg: Config, from_layer: int = DEFAULT_FROM_LAYER,
@@ -578,14 +587,25 @@ class MiddleAttention:
 
     def __init__(self, cfg: Config, freq: np.ndarray, spec, top_k: TopK,
                  directory: str | os.PathLike | None = None, dtype: str = "float16"):
-        self.top_k, self.spec = top_k, spec
+        self.spec, self.freq = spec, freq
         self.first_layer = top_k.from_layer
         self.n_layers = cfg.num_hidden_layers - top_k.from_layer
         self.store = MiddleStore(self.n_layers, cfg.n_kv_heads, cfg.head_dim, directory, dtype)
-        scale = np.float32(1 / np.sqrt(cfg.head_dim))
-        cos, sin = cos_sin([top_k.insert_at], freq)                     # host [1, d/2]
-        self.insert_cos, self.insert_sin = cos * scale, sin * scale
+        self.scale = np.float32(1 / np.sqrt(cfg.head_dim))
         self.group = cfg.n_heads // cfg.n_kv_heads
+        self.configure(top_k)
+
+    def configure(self, top_k: TopK) -> None:
+        """Search with other k, insert_at or neighbours from the next query on (the same
+        store: from_layer stays)."""
+        if top_k.from_layer != self.first_layer:
+            raise ValueError("the store holds the layers from "
+                             f"{self.first_layer}: from_layer cannot change")
+        self.top_k = top_k
+        # distances insert_at, insert_at + 1, ...: the longest run of neighbours needs them all
+        runs = top_k.k * (2 * top_k.neighbours + 1) if top_k.neighbours else 1
+        cos, sin = cos_sin(top_k.insert_at + np.arange(runs), self.freq)  # host [runs, d/2]
+        self.cos, self.sin = cos * self.scale, sin * self.scale
 
     def stores(self, layer: int) -> bool:
         return layer >= self.first_layer
@@ -600,14 +620,16 @@ class MiddleAttention:
 
         q: [kv, group, d] the query un-rotated; out: [H d] its attention output over the Λ
         keys, normalised; lse: [kv, group] the log-sum-exp of its Λ scores."""
-        first, last = self.middle(position)
-        q_insert = apply_rope(to_host(q), self.insert_cos, self.insert_sin)  # scaled
-        found = self.store.search(layer - self.first_layer, q_insert, first, last,
-                                  self.top_k.k)
+        first, last, m = *self.middle(position), layer - self.first_layer
+        q = to_host(q)
+        q_insert = apply_rope(q, self.cos[:1], self.sin[:1])             # scaled
+        found = self.store.search(m, q_insert, first, last, self.top_k.k)
         if found is None:
             return
         scores, positions = found
-        values = self.store.values(layer - self.first_layer, positions, self.group)
+        if self.top_k.neighbours:
+            scores, positions = self._with_neighbours(m, q, first, last, positions)
+        values = self.store.values(m, positions, self.group)
         n_heads, d = len(scores), q.shape[-1]
         o = to_host(out).reshape(n_heads, d).astype(np.float64)
         lse_h = to_host(lse).reshape(n_heads).astype(np.float64)
@@ -619,6 +641,35 @@ class MiddleAttention:
         mixed = (w_lambda[:, None] * o + np.einsum("hk,hkd->hd", w_middle, values)) \
             / total[:, None]
         out[...] = xp.asarray(mixed.reshape(-1).astype(np.float32))
+
+    def _with_neighbours(self, m: int, q: np.ndarray, first: int, last: int,
+                         positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each head's best positions [H, k] with their neighbours in [first, last], scored
+        in runs (the module docstring): scores [H, n] float64, -inf after a head's own
+        positions, and positions [H, n] (the padding repeats a head's first)."""
+        n = self.top_k.neighbours
+        spans = []
+        for best in positions:
+            span = np.unique(best[:, None] + np.arange(-n, n + 1))
+            spans.append(span[(span >= first) & (span <= last)])
+        unique = np.unique(np.concatenate(spans))
+        keys = self.store.rows("k", m, unique).astype(np.float64)          # [u, kv, d]
+        # the queries at every distance a run may need: [runs, H, d], scaled
+        q_runs = apply_rope(np.broadcast_to(q, (len(self.cos),) + q.shape),
+                            self.cos[:, None, None], self.sin[:, None, None])
+        q_runs = q_runs.reshape(len(self.cos), -1, q.shape[-1]).astype(np.float64)
+        width = max(map(len, spans))
+        scores = np.full((len(spans), width), -np.inf)
+        padded = np.empty((len(spans), width), dtype=np.int64)
+        for h, span in enumerate(spans):
+            breaks = np.diff(span) != 1
+            run_end = span[np.append(np.nonzero(breaks)[0], len(span) - 1)]
+            steps = run_end[np.concatenate([[0], np.cumsum(breaks)])] - span  # 0 at a run's end
+            keys_h = keys[np.searchsorted(unique, span), h // self.group]
+            scores[h, :len(span)] = np.einsum("nd,nd->n", keys_h, q_runs[steps, h])
+            padded[h] = span[0]
+            padded[h, :len(span)] = span
+        return scores, padded
 
     def close(self) -> None:
         self.store.close()

@@ -14,15 +14,17 @@ official one. Answers are greedy, at most ANSWER_TOKENS tokens; an answer is cor
 its first integer is the key (as the official metric reads it).
 
 Settings: `truncate` (only the prompt's last n_local tokens, with a window of n_local),
-`lminfinite`, `lminfinite+topk` (top-k middle attention) and `full` (ordinary attention).
-`lminfinite` and `lminfinite+topk` share one session: the prompt but its last token is fed
-once (the store records it; no top-k: it acts only on a feed call's last token), the state
-that the rest overwrites is marked, one setting answers, the session is rewound to the mark
-(bit-exact), and the other answers.
+`lminfinite`, `lminfinite+topk` (top-k middle attention), `lminfinite+neighbours` (top-k
+with each chosen token's neighbours: not LM-Infinite's method, see minillm.middle) and `full`
+(ordinary attention). The lminfinite settings share one session: the prompt but its last
+token is fed once (the store records it; no top-k: it acts only on a feed call's last token),
+the state that the rest overwrites is marked, one setting answers, the session is rewound to
+the mark (bit-exact), and the next answers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import resource
 import time
@@ -44,8 +46,10 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is "
 ANSWER_TOKENS = 7
 KEY_RANGE = (1, 9_999_999)
-SETTINGS = ("truncate", "lminfinite", "lminfinite+topk", "full")
-SHARED = ("lminfinite", "lminfinite+topk")
+SETTINGS = ("truncate", "lminfinite", "lminfinite+topk", "lminfinite+neighbours", "full")
+SHARED = ("lminfinite", "lminfinite+topk", "lminfinite+neighbours")
+TOP_K = ("lminfinite+topk", "lminfinite+neighbours")
+DEFAULT_SETTINGS = ("truncate", "lminfinite", "lminfinite+topk", "full")
 
 
 def prompt_text(key: int, n_sentences: int, boundary: int) -> str:
@@ -147,6 +151,7 @@ class PasskeySettings:
     top_k_middle: int = 5
     top_k_from_layer: int = 4
     top_k_insert_at: int | None = None
+    top_k_neighbours: int = 0     # the lminfinite+neighbours setting's
     middle_dir: str | None = None
     chunk_size: int = 512
 
@@ -200,13 +205,14 @@ def _run_alone(model, prompt: Prompt, setting: str, opts: PasskeySettings) -> tu
 
 
 def _run_shared(model, prompt: Prompt, settings: list[str], opts: PasskeySettings):
-    """lminfinite and/or lminfinite+topk over one fed prefix; yields (setting, answer,
-    seconds, shared seconds, disk bytes, pruned share)."""
-    k = opts.top_k_middle if "lminfinite+topk" in settings else 0
+    """The lminfinite settings over one fed prefix; yields (setting, answer, seconds, shared
+    seconds, disk bytes, pruned share)."""
+    k = opts.top_k_middle if set(TOP_K) & set(settings) else 0
+    neighbours = opts.top_k_neighbours if "lminfinite+neighbours" in settings else 0
     start = time.perf_counter()
     with model.session("lminfinite", opts.n_global, opts.n_local, top_k_middle=k,
                        top_k_from_layer=opts.top_k_from_layer,
-                       top_k_insert_at=opts.top_k_insert_at,
+                       top_k_insert_at=opts.top_k_insert_at, top_k_neighbours=neighbours,
                        middle_dir=opts.middle_dir) as session:
         session.feed(prompt.ids[:-1], chunk_size=opts.chunk_size, logits="none",
                      top_k_middle=False)
@@ -215,7 +221,10 @@ def _run_shared(model, prompt: Prompt, settings: list[str], opts: PasskeySetting
         for i, setting in enumerate(settings):
             if i:
                 session.rewind(mark)
-            top_k = setting == "lminfinite+topk"
+            top_k = setting in TOP_K
+            if session.middle is not None:  # the same store, with or without neighbours
+                session.middle.configure(dataclasses.replace(
+                    session.top_k, neighbours=neighbours * (setting == "lminfinite+neighbours")))
             stats = session.middle.store.stats if session.middle is not None else None
             before = (stats.blocks, stats.visited) if stats is not None else None
             start = time.perf_counter()

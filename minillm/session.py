@@ -192,13 +192,13 @@ class Session:
     def __init__(self, model, attention: str = "lminfinite", n_global: int | None = None,
                  n_local: int | None = None, ceiling: int | None = None, *,
                  top_k_middle: int = 0, top_k_from_layer: int = DEFAULT_FROM_LAYER,
-                 top_k_insert_at: int | None = None, middle_dir=None,
-                 middle_dtype: str = "float16"):
+                 top_k_insert_at: int | None = None, top_k_neighbours: int = 0,
+                 middle_dir=None, middle_dtype: str = "float16"):
         cfg = model.config
         self.model = model
         self.spec: AttentionSpec = attention_spec(cfg, attention, n_global, n_local, ceiling)
         self.top_k = top_k_settings(cfg, self.spec, top_k_middle, top_k_from_layer,
-                                    top_k_insert_at)
+                                    top_k_insert_at, top_k_neighbours)
         middle_layers = cfg.num_hidden_layers - self.top_k.from_layer if self.top_k else 0
         need = session_bytes(cfg, self.spec.n_global, self.spec.n_local, model.xp, middle_layers)
         check_memory(need, model.xp)  # one clear line, not a MemoryError from deep in NumPy

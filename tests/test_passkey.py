@@ -89,8 +89,8 @@ def test_answers_are_read_as_the_official_metric_does():
 
 def test_shared_settings_feed_the_prefix_once_and_answer_as_alone(tiny_model, monkeypatch,
                                                                   tmp_path):
-    """lminfinite and lminfinite+topk together feed the prompt's first tokens once, and every
-    logit of their answers is the one each setting computes alone (the rewind is exact)."""
+    """The lminfinite settings together feed the prompt's first tokens once, and every logit
+    of their answers is the one each setting computes alone (the rewind is exact)."""
     from minillm.session import Session
 
     calls = []
@@ -103,30 +103,31 @@ def test_shared_settings_feed_the_prefix_once_and_answer_as_alone(tiny_model, mo
 
     monkeypatch.setattr(Session, "feed", recording_feed)
     opts = PasskeySettings(n_local=32, top_k_middle=2, top_k_from_layer=1,
-                           middle_dir=str(tmp_path))
+                           top_k_neighbours=3, middle_dir=str(tmp_path))
     prompt = trial_prompt(tiny_model.tokenizer, 400, seed=0, trial=0)
-    both = list(run_trial(tiny_model, prompt, 400, 0, ["lminfinite", "lminfinite+topk"], opts))
+    settings = ["lminfinite", "lminfinite+topk", "lminfinite+neighbours"]
+    together = list(run_trial(tiny_model, prompt, 400, 0, settings, opts))
     shared, calls[:] = list(calls), []
     n = len(prompt.ids)
     assert [f for f, _ in shared if f > 1] == [n - 1]  # the prefix, once
-    answers = []
-    for setting in ("lminfinite", "lminfinite+topk"):
-        answers += list(run_trial(tiny_model, prompt, 400, 0, [setting], opts))
+    alone, alone_logits, first_logits = [], [], []
+    for setting in settings:
+        alone += list(run_trial(tiny_model, prompt, 400, 0, [setting], opts))
         assert [f for f, _ in calls if f > 1] == [n - 1]
-        answers_logits = [x for f, x in calls if f == 1]
+        answer_logits = [x for f, x in calls if f == 1]
+        alone_logits += answer_logits
+        first_logits.append(answer_logits[0])
         calls[:] = []
-        if setting == "lminfinite":
-            plain = answers_logits
-        else:
-            topk = answers_logits
+    assert [r["answer_ids"] for r in together] == [r["answer_ids"] for r in alone]
     shared_logits = [x for f, x in shared if f == 1]
-    assert len(shared_logits) == len(plain) + len(topk)
-    for got, want in zip(shared_logits, plain + topk):
+    assert len(shared_logits) == len(alone_logits)
+    for got, want in zip(shared_logits, alone_logits):
         np.testing.assert_array_equal(got, want)
-    assert not np.array_equal(plain[0], topk[0])  # top-k changed the first answer token's logits
-    assert [r["answer_ids"] for r in both] == [r["answer_ids"] for r in answers]
-    assert both[1]["disk_bytes"] > 0 and both[0]["disk_bytes"] == 0
-    assert both[0]["shared_seconds"] > 0
+    # top-k changed the first answer token's logits, and the neighbours changed them again
+    assert not np.array_equal(first_logits[0], first_logits[1])
+    assert not np.array_equal(first_logits[1], first_logits[2])
+    assert [r["disk_bytes"] > 0 for r in together] == [False, True, True]
+    assert together[0]["shared_seconds"] > 0
 
 
 def test_json_records_and_summary(tiny_file, tmp_path):
@@ -135,12 +136,12 @@ def test_json_records_and_summary(tiny_file, tmp_path):
                         "--middle-dir", tmp_path)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.decode().splitlines()]
-    assert len(records) == 2 * 2 * 4
+    assert len(records) == 2 * 2 * len(passkey.DEFAULT_SETTINGS)
     for r in records:
         assert {"length", "depth", "setting", "key", "answer", "correct", "seconds",
                 "peak_rss_mb", "disk_bytes"} <= set(r)
         assert isinstance(r["correct"], bool)
-    assert {r["setting"] for r in records} == set(passkey.SETTINGS)
+    assert {r["setting"] for r in records} == set(passkey.DEFAULT_SETTINGS)
     err = result.stderr.decode()
     assert "passkey accuracy" in err and "lminfinite+topk" in err
     assert len([line for line in err.splitlines() if line.strip().startswith(("300", "400"))]) \
@@ -165,6 +166,8 @@ def test_usage_errors(tiny_file):
                        "lminfinite+topk")
     assert_usage_error(invoke_cli("passkey", tiny_file, "--settings", "lminfinite+topk"),
                        "top_k_from_layer")
+    assert_usage_error(invoke_cli("passkey", tiny_file, "--settings", "lminfinite+neighbours"),
+                       "--top-k-neighbours")
 
 
 @pytest.mark.real_model

@@ -4,6 +4,7 @@ Ctrl-C, SIGTERM), and top-k off or unused leaving every result as it was."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import signal
@@ -257,10 +258,13 @@ def _rotate_half(x):
     return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
 
 
-def dense_topk_attention(spec, inv_freq, k, from_layer, insert_at, top_rows, store_dtype):
+def dense_topk_attention(spec, inv_freq, k, from_layer, insert_at, top_rows, store_dtype,
+                         neighbours=0):
     """transformers attention: LM-Infinite's Λ rule written out densely (float64), and for
     each query in top_rows, in layers >= from_layer, every stored middle key scored at
-    <R(insert_at) q, k_j> / sqrt(d), the k best per head joining that query's softmax."""
+    <R(insert_at) q, k_j> / sqrt(d), the k best per head joining that query's softmax; with
+    neighbours, each with the middle keys up to `neighbours` positions either side, a run of
+    consecutive ones scored with its last at insert_at and each earlier one a step further."""
     import torch
 
     inv_freq = torch.as_tensor(inv_freq, dtype=torch.float64)
@@ -303,21 +307,36 @@ def dense_topk_attention(spec, inv_freq, k, from_layer, insert_at, top_rows, sto
                 for h in range(q.shape[0]):
                     best = sorted(range(middle.shape[1]),
                                   key=lambda j: (-middle[h, j].item(), j))[:k]
-                    row = torch.cat([scores[h, i], middle[h, best]])
-                    vals = torch.cat([v[h], stored_v[h, first:last + 1][best]])
+                    chosen, chosen_scores = best, middle[h, best]
+                    if neighbours:
+                        chosen = sorted({j + o for j in best
+                                         for o in range(-neighbours, neighbours + 1)
+                                         if 0 <= j + o < middle.shape[1]})
+                        run_end = {}
+                        for j in reversed(chosen):
+                            run_end[j] = run_end.get(j + 1, j)
+                        d_cos, d_sin = table(torch.tensor(
+                            [float(insert_at + run_end[j] - j) for j in chosen],
+                            dtype=torch.float64))
+                        q_at = q_raw[h, i] * d_cos + _rotate_half(q_raw[h, i]) * d_sin
+                        keys = stored_k[h, first:last + 1][chosen]
+                        chosen_scores = (keys * q_at).sum(dim=-1) * scaling
+                    row = torch.cat([scores[h, i], chosen_scores])
+                    vals = torch.cat([v[h], stored_v[h, first:last + 1][chosen]])
                     out[h, i] = row.softmax(dim=-1) @ vals
         return out.to(query.dtype).transpose(0, 1)[None].contiguous(), None
 
     return attn
 
 
-def reference_logits(torch_model, ids, spec, top_k, top_rows, store_dtype="float32"):
+def reference_logits(torch_model, ids, spec, top_k, top_rows, store_dtype="float32",
+                     neighbours=0):
     import torch
     from transformers import AttentionInterface
 
     AttentionInterface.register("dense_topk", dense_topk_attention(
         spec, torch_model.model.rotary_emb.inv_freq, top_k.k, top_k.from_layer,
-        top_k.insert_at, top_rows, store_dtype))
+        top_k.insert_at, top_rows, store_dtype, neighbours))
     torch_model.set_attn_implementation("dense_topk")
     try:
         with torch.no_grad():
@@ -342,30 +361,40 @@ def stream_logits(s, prompt, continuation, chunk_size=512):
     return np.stack(rows)
 
 
-@pytest.mark.parametrize("preset,store_dtype", [("lminfinite", "float32"),
-                                                ("lminfinite", "float16"),
-                                                ("window", "float32")])
-def test_logits_equal_a_dense_reference(tiny_dir, tiny_model, tmp_path, preset, store_dtype):
+@pytest.mark.parametrize("preset,store_dtype,neighbours", [("lminfinite", "float32", 0),
+                                                           ("lminfinite", "float16", 0),
+                                                           ("window", "float32", 0),
+                                                           ("lminfinite", "float32", 4),
+                                                           ("lminfinite", "float16", 40)])
+def test_logits_equal_a_dense_reference(tiny_dir, tiny_model, tmp_path, preset, store_dtype,
+                                        neighbours):
     """150 prompt tokens through a ring of 16 (the middle comes from every wrap of it), then
-    two more tokens fed one by one: each feed's last token attends to its top-k."""
+    two more tokens fed one by one: each feed's last token attends to its top-k (with its
+    neighbours: 40 reach past both ends of the middle)."""
     _, torch_model = tiny_dir("gqa")
     prompt, continuation = rng_ids(150, 300, seed=5), [17, 230]
     ids = np.concatenate([prompt, continuation])
-    with session(tiny_model, preset, middle_dir=tmp_path, middle_dtype=store_dtype) as s:
+    with session(tiny_model, preset, middle_dir=tmp_path, middle_dtype=store_dtype,
+                 top_k_neighbours=neighbours) as s:
         got = stream_logits(s, prompt, continuation)
         spec, top_k = s.spec, s.top_k
     rows = [149, 150, 151]
-    want = reference_logits(torch_model, ids, spec, top_k, rows, store_dtype)[rows]
+    want = reference_logits(torch_model, ids, spec, top_k, rows, store_dtype,
+                            neighbours)[rows]
     plain = reference_logits(torch_model, ids, spec, top_k, [], store_dtype)[rows]
     assert np.abs(want - plain).max() > 1e-2  # the top-k keys change the answer
+    if neighbours:
+        tokens_only = reference_logits(torch_model, ids, spec, top_k, rows, store_dtype)[rows]
+        assert np.abs(want - tokens_only).max() > 1e-2  # and so do their neighbours
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-def test_any_chunk_size_gives_the_same_logits(tiny_model, tmp_path):
+@pytest.mark.parametrize("neighbours", [0, 3])
+def test_any_chunk_size_gives_the_same_logits(tiny_model, tmp_path, neighbours):
     prompt, continuation = rng_ids(150, 300, seed=6), [5, 9]
     results = []
     for chunk_size in (1, 7, 40, 512):
-        with session(tiny_model, middle_dir=tmp_path) as s:
+        with session(tiny_model, middle_dir=tmp_path, top_k_neighbours=neighbours) as s:
             results.append(stream_logits(s, prompt, continuation, chunk_size))
     for other in results[1:]:
         np.testing.assert_allclose(other, results[0], atol=1e-5, rtol=0)
@@ -468,6 +497,13 @@ def test_settings_refused(tiny_model, tmp_path):
         tiny_model.session(top_k_middle=-1)
     with pytest.raises(TypeError, match="top_k_middle"):
         tiny_model.session(top_k_middle=2.0)
+    with pytest.raises(ValueError, match="top_k_neighbours"):
+        tiny_model.session(top_k_middle=2, top_k_from_layer=0, top_k_neighbours=-1)
+    with pytest.raises(TypeError, match="top_k_neighbours"):
+        tiny_model.session(top_k_middle=2, top_k_from_layer=0, top_k_neighbours="4")
+    with session(tiny_model, middle_dir=tmp_path) as s, \
+            pytest.raises(ValueError, match="from_layer cannot change"):
+        s.middle.configure(dataclasses.replace(s.top_k, from_layer=0))
     with pytest.raises(MiniLLMError, match="not a directory"):
         tiny_model.session(top_k_middle=2, top_k_from_layer=0, middle_dir=tmp_path / "nope")
     with session(tiny_model, middle_dir=tmp_path) as s, \
@@ -563,8 +599,8 @@ def test_generate_and_chat_with_top_k(tiny_file, tiny_chat_file, tmp_path):
     assert result.returncode == 0, result.stderr
     assert os.listdir(tmp_path) == []
     result = invoke_cli("chat", tiny_chat_file, "--top-k-middle", "2", "--top-k-from-layer",
-                        "1", "--middle-dir", tmp_path, "--verbose", "--max-tokens", "3",
-                        "--n-local", "16", stdin=b"hello world " * 20)
+                        "1", "--top-k-neighbours", "3", "--middle-dir", tmp_path, "--verbose",
+                        "--max-tokens", "3", "--n-local", "16", stdin=b"hello world " * 20)
     assert result.returncode == 0, result.stderr
     assert "MB on disk" in stderr_lines(result)[-1]
     assert os.listdir(tmp_path) == []
