@@ -484,6 +484,27 @@ def test_mark_and_rewind_give_the_continuation_back_exactly(tiny_model, tmp_path
         np.testing.assert_allclose(stream_logits(fresh, prompt, [3, 4, 5]), first, atol=1e-5)
 
 
+def test_configure_answers_as_a_session_made_with_those_settings(tiny_model, tmp_path):
+    """One fed prefix, answered at other insert distances and neighbours (what passkey's
+    shared settings and benchmarks/passkey_insert_at.py do), equals fresh sessions."""
+    prompt = rng_ids(120, 300, seed=13)
+    with session(tiny_model, middle_dir=tmp_path) as s:
+        s.feed(prompt[:-1], top_k_middle=False)
+        mark = s.mark(3)
+        got = {}
+        for insert_at, neighbours in [(50, 0), (3, 2), (200, 5)]:
+            s.rewind(mark)
+            s.middle.configure(dataclasses.replace(s.top_k, insert_at=insert_at,
+                                                   neighbours=neighbours))
+            got[insert_at, neighbours] = stream_logits(s, prompt[-1:], [7, 8])
+    for (insert_at, neighbours), logits in got.items():
+        with session(tiny_model, middle_dir=tmp_path, top_k_insert_at=insert_at,
+                     top_k_neighbours=neighbours) as fresh:
+            np.testing.assert_allclose(stream_logits(fresh, prompt, [7, 8]), logits,
+                                       atol=1e-5, rtol=0)
+    assert not np.allclose(got[50, 0], got[200, 5], atol=1e-3)
+
+
 # --- settings refused ---------------------------------------------------------------------------
 
 def test_settings_refused(tiny_model, tmp_path):
