@@ -68,6 +68,7 @@ BOUND_SLACK = 1e-12     # relative: far above float64 rounding of a head_dim-ter
 CODE_LEVELS = 255       # a code is 0..255: 8 bits a key element
 SCAN_SUPERBLOCKS = 8    # superblocks scanned in one pass at most (temporaries ~2 MB a query head)
 UNDERFLOW = 2.0 ** -149  # float32's smallest step: what a product or sum near 0 may lose
+MAX_NEIGHBOURS = 1024   # neighbours either side of a chosen token, at most: bounds its reads
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,9 @@ def top_k_settings(cfg: Config, spec, k=0, from_layer=DEFAULT_FROM_LAYER,
                         ("top_k_insert_at", insert_at), ("top_k_neighbours", neighbours)):
         if value is not None and not is_int(value):
             raise TypeError(f"{name} must be an int (got {type(value).__name__} {value!r})")
-    if neighbours is None or neighbours < 0:
-        raise ValueError(f"top_k_neighbours must be 0 (none) or more (got {neighbours})")
+    if neighbours is None or not 0 <= neighbours <= MAX_NEIGHBOURS:
+        raise ValueError(f"top_k_neighbours must be 0 (none) to {MAX_NEIGHBOURS} "
+                         f"(got {neighbours})")
     if k is None or k < 0:
         raise ValueError(f"top_k_middle must be 0 (off) or more (got {k})")
     if from_layer is None or from_layer < 0:
@@ -602,10 +604,8 @@ class MiddleAttention:
             raise ValueError("the store holds the layers from "
                              f"{self.first_layer}: from_layer cannot change")
         self.top_k = top_k
-        # distances insert_at, insert_at + 1, ...: the longest run of neighbours needs them all
-        runs = top_k.k * (2 * top_k.neighbours + 1) if top_k.neighbours else 1
-        cos, sin = cos_sin(top_k.insert_at + np.arange(runs), self.freq)  # host [runs, d/2]
-        self.cos, self.sin = cos * self.scale, sin * self.scale
+        cos, sin = cos_sin([top_k.insert_at], self.freq)                 # host [1, d/2]
+        self.insert_cos, self.insert_sin = cos * self.scale, sin * self.scale
 
     def stores(self, layer: int) -> bool:
         return layer >= self.first_layer
@@ -622,7 +622,7 @@ class MiddleAttention:
         keys, normalised; lse: [kv, group] the log-sum-exp of its Λ scores."""
         first, last, m = *self.middle(position), layer - self.first_layer
         q = to_host(q)
-        q_insert = apply_rope(q, self.cos[:1], self.sin[:1])             # scaled
+        q_insert = apply_rope(q, self.insert_cos, self.insert_sin)       # scaled
         found = self.store.search(m, q_insert, first, last, self.top_k.k)
         if found is None:
             return
@@ -648,25 +648,28 @@ class MiddleAttention:
         in runs (the module docstring): scores [H, n] float64, -inf after a head's own
         positions, and positions [H, n] (the padding repeats a head's first)."""
         n = self.top_k.neighbours
-        spans = []
+        spans, steps = [], []
         for best in positions:
             span = np.unique(best[:, None] + np.arange(-n, n + 1))
-            spans.append(span[(span >= first) & (span <= last)])
+            span = span[(span >= first) & (span <= last)]
+            breaks = np.diff(span) != 1
+            run_end = span[np.append(np.nonzero(breaks)[0], len(span) - 1)]
+            spans.append(span)
+            steps.append(run_end[np.concatenate([[0], np.cumsum(breaks)])] - span)  # 0: an end
         unique = np.unique(np.concatenate(spans))
         keys = self.store.rows("k", m, unique).astype(np.float64)          # [u, kv, d]
-        # the queries at every distance a run may need: [runs, H, d], scaled
-        q_runs = apply_rope(np.broadcast_to(q, (len(self.cos),) + q.shape),
-                            self.cos[:, None, None], self.sin[:, None, None])
-        q_runs = q_runs.reshape(len(self.cos), -1, q.shape[-1]).astype(np.float64)
+        # the queries at every distance the longest run needs: [steps, H, d], scaled
+        longest = max(int(step.max()) for step in steps) + 1
+        cos, sin = cos_sin(self.top_k.insert_at + np.arange(longest), self.freq)
+        q_runs = apply_rope(np.broadcast_to(q, (longest,) + q.shape),
+                            (cos * self.scale)[:, None, None], (sin * self.scale)[:, None, None])
+        q_runs = q_runs.reshape(longest, -1, q.shape[-1]).astype(np.float64)
         width = max(map(len, spans))
         scores = np.full((len(spans), width), -np.inf)
         padded = np.empty((len(spans), width), dtype=np.int64)
-        for h, span in enumerate(spans):
-            breaks = np.diff(span) != 1
-            run_end = span[np.append(np.nonzero(breaks)[0], len(span) - 1)]
-            steps = run_end[np.concatenate([[0], np.cumsum(breaks)])] - span  # 0 at a run's end
+        for h, (span, step) in enumerate(zip(spans, steps)):
             keys_h = keys[np.searchsorted(unique, span), h // self.group]
-            scores[h, :len(span)] = np.einsum("nd,nd->n", keys_h, q_runs[steps, h])
+            scores[h, :len(span)] = np.einsum("nd,nd->n", keys_h, q_runs[step, h])
             padded[h] = span[0]
             padded[h, :len(span)] = span
         return scores, padded

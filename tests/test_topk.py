@@ -518,8 +518,9 @@ def test_settings_refused(tiny_model, tmp_path):
         tiny_model.session(top_k_middle=-1)
     with pytest.raises(TypeError, match="top_k_middle"):
         tiny_model.session(top_k_middle=2.0)
-    with pytest.raises(ValueError, match="top_k_neighbours"):
-        tiny_model.session(top_k_middle=2, top_k_from_layer=0, top_k_neighbours=-1)
+    for neighbours in (-1, 1025):
+        with pytest.raises(ValueError, match="top_k_neighbours"):
+            tiny_model.session(top_k_middle=2, top_k_from_layer=0, top_k_neighbours=neighbours)
     with pytest.raises(TypeError, match="top_k_neighbours"):
         tiny_model.session(top_k_middle=2, top_k_from_layer=0, top_k_neighbours="4")
     with session(tiny_model, middle_dir=tmp_path) as s, \
@@ -635,6 +636,8 @@ def test_usage_errors(tiny_file, tiny_chat_file):
     assert_usage_error(invoke_cli("generate", tiny_file, "-p", "hi", "--top-k-middle", "2"),
                        "top_k_from_layer")
     assert_usage_error(invoke_cli("generate", tiny_file, "-p", "hi", "--top-k-middle", "-1"))
+    assert_usage_error(invoke_cli("generate", tiny_file, "-p", "hi", "--top-k-middle", "2",
+                                  "--top-k-neighbours", "5000"), "5000")
     assert_usage_error(invoke_cli("generate", tiny_file, "-p", "hi", "--middle-dir",
                                   "/nonexistent/folder"))
 
