@@ -141,7 +141,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     model = minillm.load(args.model, backend="numpy")
-    out = open(args.out, "a") if args.out else None
+    out = open(args.out, "w") if args.out else None
     for length in map(int, args.lengths.split(",")):
         for d_index, depth in enumerate(map(float, args.depths.split(","))):
             for record in run(model, length, depth, d_index, args.k, args.seed, args.n_local,

@@ -13,8 +13,8 @@ prefix.
         --insert-at 512,1024,2048,4096 --neighbours 0,16 \\
         --out benchmarks/results/passkey/insert_at_12k.jsonl
 
-One JSON object per answer (as `minillm passkey --json` writes, plus insert_at and
-neighbours); the accuracy table on stderr at the end.
+One JSON object per answer (as `minillm passkey --json` writes, plus insert_at, neighbours
+and k); the accuracy table on stderr at the end.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import minillm
-from minillm.passkey import ANSWER_TOKENS, _record, greedy_answer, trial_prompt
+from minillm.passkey import ANSWER_TOKENS, _record, greedy_answer, reset_peak_rss, trial_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def answers(model, prompt, length: int, k: int, insert_ats: list[int],
             neighbours: list[int], n_local: int | None):
     """Records for plain lminfinite, then top-k at every (insert_at, neighbours)."""
+    reset_peak_rss()
     start = time.perf_counter()
     with model.session("lminfinite", n_local=n_local, top_k_middle=k,
                        top_k_neighbours=max(neighbours)) as s:
@@ -48,12 +49,18 @@ def answers(model, prompt, length: int, k: int, insert_ats: list[int],
             if insert_at is not None:
                 s.middle.configure(dataclasses.replace(s.top_k, insert_at=insert_at,
                                                        neighbours=n))
+            stats = s.middle.store.stats
+            blocks, visited = stats.blocks, stats.visited
             t = time.perf_counter()
             answer = greedy_answer(model, s, prompt.ids[-1:], 512, top_k=insert_at is not None)
+            seconds = time.perf_counter() - t + shared
+            pruned = None
+            if stats.blocks > blocks:
+                pruned = round(1 - (stats.visited - visited) / (stats.blocks - blocks), 4)
             setting = "lminfinite" if insert_at is None else \
                 "lminfinite+topk" if n == 0 else "lminfinite+neighbours"
-            record = _record(model, prompt, length, 0, setting, answer,
-                             time.perf_counter() - t + shared, shared)
+            record = _record(model, prompt, length, 0, setting, answer, seconds, shared,
+                             s.middle_bytes if insert_at is not None else 0, pruned)
             yield {**record, "insert_at": insert_at, "neighbours": n, "k": k}
 
 
@@ -84,7 +91,7 @@ def main() -> None:
     insert_ats = [int(x) for x in args.insert_at.split(",")]
     neighbours = [int(x) for x in args.neighbours.split(",")]
     model = minillm.load(args.model, backend="numpy")
-    out = open(args.out, "a") if args.out else None
+    out = open(args.out, "w") if args.out else None
     records = []
     try:
         for length in map(int, args.lengths.split(",")):

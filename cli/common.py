@@ -16,7 +16,7 @@ import click
 import minillm
 from minillm.attention import PRESETS
 from minillm.errors import MiniLLMError, WriteError
-from minillm.middle import DEFAULT_FROM_LAYER, MAX_NEIGHBOURS
+from minillm.middle import DEFAULT_FROM_LAYER
 from minillm.parallel import usable_cores
 from minillm.sampling import SamplingParams
 
@@ -171,12 +171,12 @@ def top_k_middle_options(default_k: int = 0):
                          default=None,
                          help="Folder for the middle store (a folder of its own is made in it "
                               "and removed at the end) [default: the temporary folder]."),
-            click.option("--top-k-neighbours", type=click.IntRange(0, MAX_NEIGHBOURS),
-                         default=0,
+            click.option("--top-k-neighbours", type=click.IntRange(min=0), default=0,
                          show_default=True,
-                         help="Each of the K best middle tokens comes with N tokens on either "
-                              "side, read in order (not LM-Infinite's method: InfLLM's idea "
-                              "that tokens matter with their neighbours). 0: none."),
+                         help="Each of the K best middle tokens comes with the middle tokens "
+                              "up to N positions either side, read in order (not "
+                              "LM-Infinite's method: InfLLM's idea that tokens matter with "
+                              "their neighbours; K x (2N + 1) <= 8192). 0: none."),
             click.option("--top-k-insert-at", type=click.IntRange(min=0), default=None,
                          help="Distance the top-k middle keys are scored at "
                               "[default: half the training length]."),

@@ -79,16 +79,13 @@ def passkey(model, lengths, trials, depths, settings, seed, as_json, n_global, n
     attention). The lminfinite settings share the work of the prompt's first tokens.
     The accuracy per length and setting is printed to stderr at the end.
     """
-    from minillm.passkey import PasskeySettings, run_passkey, summary
+    from minillm.passkey import PasskeySettings, check_settings, run_passkey, summary
 
-    top_k = top_k_middle_settings(kw)
-    for setting in set(settings) & set(TOP_K):
-        if not top_k["top_k_middle"]:
-            raise click.UsageError(f"the {setting} setting needs --top-k-middle 1 or more")
-    if "lminfinite+neighbours" in settings and not top_k["top_k_neighbours"]:
-        raise click.UsageError("the lminfinite+neighbours setting needs --top-k-neighbours 1 "
-                               "or more")
-    opts = PasskeySettings(n_global=n_global, n_local=n_local, **top_k)
+    opts = PasskeySettings(n_global=n_global, n_local=n_local, **top_k_middle_settings(kw))
+    try:
+        check_settings(settings, opts)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
     m = load_model(model, backend, threads)
     _check_settings(m, opts, bool(set(TOP_K) & set(settings)))
     on_sigterm_exit()  # SIGTERM unwinds: the middle store is removed, the summary printed

@@ -68,17 +68,30 @@ BOUND_SLACK = 1e-12     # relative: far above float64 rounding of a head_dim-ter
 CODE_LEVELS = 255       # a code is 0..255: 8 bits a key element
 SCAN_SUPERBLOCKS = 8    # superblocks scanned in one pass at most (temporaries ~2 MB a query head)
 UNDERFLOW = 2.0 ** -149  # float32's smallest step: what a product or sum near 0 may lose
-MAX_NEIGHBOURS = 1024   # neighbours either side of a chosen token, at most: bounds its reads
+MAX_NEIGHBOURHOOD = 8192  # middle tokens a head may read with neighbours: k (2 n + 1) at most
 
 
 @dataclass(frozen=True)
 class TopK:
     """Top-k middle settings: k keys per query head, in layers >= from_layer, scored with the
-    query rotated to insert_at; each with its `neighbours` tokens on either side (0: none)."""
+    query rotated to insert_at; each with the middle tokens up to `neighbours` positions
+    either side (0: none). Out-of-range values raise ValueError."""
     k: int
     from_layer: int
     insert_at: int
     neighbours: int = 0
+
+    def __post_init__(self):
+        for name, value, low in (("top_k_middle", self.k, 1),
+                                 ("top_k_from_layer", self.from_layer, 0),
+                                 ("top_k_insert_at", self.insert_at, 0),
+                                 ("top_k_neighbours", self.neighbours, 0)):
+            if value < low:
+                raise ValueError(f"{name} must be {low} or more (got {value})")
+        if self.neighbours and self.k * (2 * self.neighbours + 1) > MAX_NEIGHBOURHOOD:
+            raise ValueError(f"top_k_middle x (2 top_k_neighbours + 1) must be at most "
+                             f"{MAX_NEIGHBOURHOOD} tokens a head (got {self.k} x "
+                             f"{2 * self.neighbours + 1})")
 
 
 def top_k_settings(cfg: Config, spec, k=0, from_layer=DEFAULT_FROM_LAYER,
@@ -89,16 +102,17 @@ def top_k_settings(cfg: Config, spec, k=0, from_layer=DEFAULT_FROM_LAYER,
                         ("top_k_insert_at", insert_at), ("top_k_neighbours", neighbours)):
         if value is not None and not is_int(value):
             raise TypeError(f"{name} must be an int (got {type(value).__name__} {value!r})")
-    if neighbours is None or not 0 <= neighbours <= MAX_NEIGHBOURS:
-        raise ValueError(f"top_k_neighbours must be 0 (none) to {MAX_NEIGHBOURS} "
-                         f"(got {neighbours})")
     if k is None or k < 0:
         raise ValueError(f"top_k_middle must be 0 (off) or more (got {k})")
     if from_layer is None or from_layer < 0:
         raise ValueError(f"top_k_from_layer must be 0 or more (got {from_layer})")
     if insert_at is not None and insert_at < 0:
         raise ValueError(f"top_k_insert_at must be 0 or more (got {insert_at})")
+    if neighbours is None or neighbours < 0:
+        raise ValueError(f"top_k_neighbours must be 0 (none) or more (got {neighbours})")
     if k == 0:
+        if neighbours:
+            raise ValueError("top_k_neighbours needs top_k_middle 1 or more")
         return None
     if not spec.bounded:
         raise ValueError("top_k_middle needs a bounded attention preset (lminfinite or window): "
@@ -658,18 +672,18 @@ class MiddleAttention:
             steps.append(run_end[np.concatenate([[0], np.cumsum(breaks)])] - span)  # 0: an end
         unique = np.unique(np.concatenate(spans))
         keys = self.store.rows("k", m, unique).astype(np.float64)          # [u, kv, d]
-        # the queries at every distance the longest run needs: [steps, H, d], scaled
+        # the distances the longest run needs, then per head its query at each of its keys'
         longest = max(int(step.max()) for step in steps) + 1
         cos, sin = cos_sin(self.top_k.insert_at + np.arange(longest), self.freq)
-        q_runs = apply_rope(np.broadcast_to(q, (longest,) + q.shape),
-                            (cos * self.scale)[:, None, None], (sin * self.scale)[:, None, None])
-        q_runs = q_runs.reshape(longest, -1, q.shape[-1]).astype(np.float64)
+        cos, sin = cos * self.scale, sin * self.scale                     # [longest, d/2]
+        q_heads = q.reshape(-1, q.shape[-1])                              # [H, d]
         width = max(map(len, spans))
         scores = np.full((len(spans), width), -np.inf)
         padded = np.empty((len(spans), width), dtype=np.int64)
         for h, (span, step) in enumerate(zip(spans, steps)):
             keys_h = keys[np.searchsorted(unique, span), h // self.group]
-            scores[h, :len(span)] = np.einsum("nd,nd->n", keys_h, q_runs[step, h])
+            q_at = apply_rope(np.broadcast_to(q_heads[h], keys_h.shape), cos[step], sin[step])
+            scores[h, :len(span)] = np.einsum("nd,nd->n", keys_h, q_at.astype(np.float64))
             padded[h] = span[0]
             padded[h, :len(span)] = span
         return scores, padded

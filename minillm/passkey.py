@@ -254,10 +254,28 @@ def run_trial(model, prompt: Prompt, length: int, trial: int, settings: list[str
         yield _record(model, prompt, length, trial, setting, answer, seconds)
 
 
+def check_settings(settings: list[str], opts: PasskeySettings) -> None:
+    """ValueError for settings that the options cannot run, or options no setting uses."""
+    for setting in settings:
+        if setting not in SETTINGS:
+            raise ValueError(f"unknown setting {setting!r} (one of {', '.join(SETTINGS)})")
+        if setting in TOP_K and not opts.top_k_middle:
+            raise ValueError(f"the {setting} setting needs top_k_middle (--top-k-middle) 1 or "
+                             "more")
+    neighbours = "lminfinite+neighbours" in settings
+    if neighbours and not opts.top_k_neighbours:
+        raise ValueError("the lminfinite+neighbours setting needs top_k_neighbours "
+                         "(--top-k-neighbours) 1 or more")
+    if opts.top_k_neighbours and not neighbours:
+        raise ValueError("top_k_neighbours (--top-k-neighbours) is for the "
+                         "lminfinite+neighbours setting, which is not among the settings")
+
+
 def run_passkey(model, lengths: list[int], trials: int, settings: list[str],
                 depths: list[float] | None = None, seed: int = 0,
                 opts: PasskeySettings = PasskeySettings()) -> Iterator[dict]:
     """Every record of the grid: lengths x (depths or random depths) x trials x settings."""
+    check_settings(settings, opts)
     for length in lengths:
         for d, depth in enumerate(depths if depths is not None else [None]):
             for trial in range(trials):

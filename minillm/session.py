@@ -25,7 +25,7 @@ from .cache import KVCache, available_bytes, check_memory, out_of_memory, sessio
 from .config import is_int
 from .decode import Step, forward_one, rotation
 from .errors import MiniLLMError
-from .middle import DEFAULT_FROM_LAYER, MiddleAttention, top_k_settings
+from .middle import DEFAULT_FROM_LAYER, MiddleAttention, TopK, top_k_settings
 from .model import ChunkAbandoned, forward_staged, lm_head
 from .workspace import NLL_ROWS, Workspace
 
@@ -197,9 +197,9 @@ class Session:
         cfg = model.config
         self.model = model
         self.spec: AttentionSpec = attention_spec(cfg, attention, n_global, n_local, ceiling)
-        self.top_k = top_k_settings(cfg, self.spec, top_k_middle, top_k_from_layer,
-                                    top_k_insert_at, top_k_neighbours)
-        middle_layers = cfg.num_hidden_layers - self.top_k.from_layer if self.top_k else 0
+        top_k = top_k_settings(cfg, self.spec, top_k_middle, top_k_from_layer,
+                               top_k_insert_at, top_k_neighbours)
+        middle_layers = cfg.num_hidden_layers - top_k.from_layer if top_k else 0
         need = session_bytes(cfg, self.spec.n_global, self.spec.n_local, model.xp, middle_layers)
         check_memory(need, model.xp)  # one clear line, not a MemoryError from deep in NumPy
         if self.spec.preset == "full":
@@ -217,8 +217,14 @@ class Session:
         self.last_hidden = None  # [D] final hidden state of the newest token: predicts the next
         # the decode step's few buffers, made up front so that the session never grows
         self._step = Step(model, self.workspace, 1) if model.xp is np else None
-        self.middle = None if self.top_k is None else MiddleAttention(
-            cfg, model.freq, self.spec, self.top_k, middle_dir, middle_dtype)
+        self.middle = None if top_k is None else MiddleAttention(
+            cfg, model.freq, self.spec, top_k, middle_dir, middle_dtype)
+
+    @property
+    def top_k(self) -> TopK | None:
+        """The top-k settings in force (None: off); session.middle.configure(top_k) changes
+        them from the next query on."""
+        return self.middle.top_k if self.middle is not None else None
 
     # --- the middle store's life -----------------------------------------------------------
     def close(self) -> None:

@@ -19,6 +19,7 @@ from minillm.passkey import (
     PasskeySettings,
     first_integer,
     prompt_text,
+    run_passkey,
     run_trial,
     trial_prompt,
 )
@@ -168,6 +169,17 @@ def test_usage_errors(tiny_file):
                        "top_k_from_layer")
     assert_usage_error(invoke_cli("passkey", tiny_file, "--settings", "lminfinite+neighbours"),
                        "--top-k-neighbours")
+    assert_usage_error(invoke_cli("passkey", tiny_file, "--top-k-neighbours", "4"),
+                       "lminfinite+neighbours")
+
+
+def test_the_library_refuses_settings_its_options_cannot_run(tiny_model):
+    for settings, opts in ((["lminfinite+neighbours"], PasskeySettings(top_k_neighbours=0)),
+                           (["lminfinite+topk"], PasskeySettings(top_k_middle=0)),
+                           (["lminfinite"], PasskeySettings(top_k_neighbours=3)),
+                           (["best"], PasskeySettings())):
+        with pytest.raises(ValueError):
+            list(run_passkey(tiny_model, [300], 1, settings, opts=opts))
 
 
 @pytest.mark.real_model

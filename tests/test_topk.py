@@ -496,6 +496,7 @@ def test_configure_answers_as_a_session_made_with_those_settings(tiny_model, tmp
             s.rewind(mark)
             s.middle.configure(dataclasses.replace(s.top_k, insert_at=insert_at,
                                                    neighbours=neighbours))
+            assert (s.top_k.insert_at, s.top_k.neighbours) == (insert_at, neighbours)
             got[insert_at, neighbours] = stream_logits(s, prompt[-1:], [7, 8])
     for (insert_at, neighbours), logits in got.items():
         with session(tiny_model, middle_dir=tmp_path, top_k_insert_at=insert_at,
@@ -518,14 +519,18 @@ def test_settings_refused(tiny_model, tmp_path):
         tiny_model.session(top_k_middle=-1)
     with pytest.raises(TypeError, match="top_k_middle"):
         tiny_model.session(top_k_middle=2.0)
-    for neighbours in (-1, 1025):
+    for k, neighbours in ((2, -1), (2, 2048), (0, 3)):
         with pytest.raises(ValueError, match="top_k_neighbours"):
-            tiny_model.session(top_k_middle=2, top_k_from_layer=0, top_k_neighbours=neighbours)
+            tiny_model.session(top_k_middle=k, top_k_from_layer=0, top_k_neighbours=neighbours)
     with pytest.raises(TypeError, match="top_k_neighbours"):
         tiny_model.session(top_k_middle=2, top_k_from_layer=0, top_k_neighbours="4")
-    with session(tiny_model, middle_dir=tmp_path) as s, \
-            pytest.raises(ValueError, match="from_layer cannot change"):
-        s.middle.configure(dataclasses.replace(s.top_k, from_layer=0))
+    with session(tiny_model, middle_dir=tmp_path) as s:
+        with pytest.raises(ValueError, match="from_layer cannot change"):
+            s.middle.configure(dataclasses.replace(s.top_k, from_layer=0))
+        for change, name in (({"k": 0}, "top_k_middle"), ({"insert_at": -1}, "top_k_insert_at"),
+                             ({"neighbours": -1}, "top_k_neighbours")):
+            with pytest.raises(ValueError, match=name):
+                s.middle.configure(dataclasses.replace(s.top_k, **change))
     with pytest.raises(MiniLLMError, match="not a directory"):
         tiny_model.session(top_k_middle=2, top_k_from_layer=0, middle_dir=tmp_path / "nope")
     with session(tiny_model, middle_dir=tmp_path) as s, \
@@ -637,7 +642,10 @@ def test_usage_errors(tiny_file, tiny_chat_file):
                        "top_k_from_layer")
     assert_usage_error(invoke_cli("generate", tiny_file, "-p", "hi", "--top-k-middle", "-1"))
     assert_usage_error(invoke_cli("generate", tiny_file, "-p", "hi", "--top-k-middle", "2",
-                                  "--top-k-neighbours", "5000"), "5000")
+                                  "--top-k-from-layer", "1", "--top-k-neighbours", "5000"),
+                       "top_k_neighbours")
+    assert_usage_error(invoke_cli("generate", tiny_file, "-p", "hi", "--top-k-neighbours", "3"),
+                       "top_k_middle")
     assert_usage_error(invoke_cli("generate", tiny_file, "-p", "hi", "--middle-dir",
                                   "/nonexistent/folder"))
 
