@@ -28,6 +28,7 @@ NEG_INF = np.float32(-np.inf)
 BLOCKS_PER_PART = 4
 PRESETS = ("lminfinite", "window", "full")
 DEFAULT_N_GLOBAL = 10  # the paper's default; 10 to 100 behave alike
+EXP_SUM_MIN, EXP_SUM_MAX = 2.0 ** -64, 2.0 ** 64  # see exp_sums_in_range
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,15 @@ def plan_chunk(spec: AttentionSpec, cache: KVCache, positions: np.ndarray, n_hea
                      cache.write_plan(positions))
 
 
+def exp_sums_in_range(z: np.ndarray) -> bool:
+    """Whether every row's sum of exp(score), taken without the shift by the row's maximum,
+    is in [EXP_SUM_MIN, EXP_SUM_MAX]. Then no exp overflowed, the largest term is a normal
+    float (terms rounded to subnormals or zero weigh under 1e-25 of the sum), and the values
+    times the weights stay finite: the softmax is the shifted one to float32 rounding, and the
+    max and subtract passes over the scores are saved. A NaN fails the check."""
+    return bool(((z >= EXP_SUM_MIN) & (z <= EXP_SUM_MAX)).all())
+
+
 def attend(q: Array, q_capped: Array | None, k: Array, v: Array, cache: KVCache, layer: int,
            plan: ChunkPlan, work: Workspace, last_lse: Array | None = None) -> Array:
     """Attention output [C, n_heads * head_dim] for one layer.
@@ -182,38 +192,53 @@ def attend(q: Array, q_capped: Array | None, k: Array, v: Array, cache: KVCache,
               so that more keys can join its softmax afterwards (top-k middle attention)
 
     A block's scores are one [kv_heads, block * group, cache slots | chunk keys] array in the
-    workspace, so the mask, max, exp and sum each make one pass over both parts.
+    workspace, so the mask, exp and sum each make one pass over both parts (on NumPy without
+    the max and the shift by it while every row's sum allows: exp_sums_in_range).
     """
     xp = work.xp
     kv_heads, n_q, group, d = q.shape
     k_cache, v_cache = cache.k[layer], cache.v[layer]  # [kv_heads, d, slots], [kv_heads, slots, d]
     out = work.buffer("attention", (n_q, kv_heads, group, d), n_q)
 
+    def fill(blk: QueryBlock, s: Array) -> None:  # the block's masked scores, in s
+        a, b, lo, n = blk.start, blk.stop, blk.chunk_lo, blk.n_cache
+        qb = q[:, a:b].reshape(kv_heads, (b - a) * group, d)              # rows: (query, group)
+        xp.matmul(qb, k[:, lo:b].transpose(0, 2, 1), out=s[..., n:])
+        if n:
+            xp.matmul(qb, k_cache[..., :n], out=s[..., :n])
+        s4 = s.reshape(kv_heads, b - a, group, s.shape[-1])              # masks are per query
+        if blk.capped is not None:
+            n_g = blk.capped.shape[1]
+            qc = q_capped[:, a:b].reshape(kv_heads, (b - a) * group, d)
+            s_cap = (qc @ cache.k_raw[layer][:, :n_g].transpose(0, 2, 1)).reshape(
+                kv_heads, b - a, group, n_g)
+            s4[..., :n_g] = xp.where(blk.capped[:, None], s_cap, s4[..., :n_g])
+        if blk.bias is not None:
+            s4[..., blk.bias_lo:blk.bias_lo + blk.bias.shape[1]] += blk.bias[:, None]
+
     def attend_blocks(worker: int, blocks: list[QueryBlock]) -> None:
         for blk in blocks:
             a, b, lo, n = blk.start, blk.stop, blk.chunk_lo, blk.n_cache
             rows, width = (b - a) * group, n + b - lo
-            qb = q[:, a:b].reshape(kv_heads, rows, d)                      # rows: (query, group)
             s = work.scores(kv_heads * rows * width, worker).reshape(kv_heads, rows, width)
-            xp.matmul(qb, k[:, lo:b].transpose(0, 2, 1), out=s[..., n:])
-            if n:
-                xp.matmul(qb, k_cache[..., :n], out=s[..., :n])
-            s4 = s.reshape(kv_heads, b - a, group, width)                 # masks are per query
-            if blk.capped is not None:
-                n_g = blk.capped.shape[1]
-                qc = q_capped[:, a:b].reshape(kv_heads, rows, d)
-                s_cap = (qc @ cache.k_raw[layer][:, :n_g].transpose(0, 2, 1)).reshape(
-                    kv_heads, b - a, group, n_g)
-                s4[..., :n_g] = xp.where(blk.capped[:, None], s_cap, s4[..., :n_g])
-            if blk.bias is not None:
-                s4[..., blk.bias_lo:blk.bias_lo + blk.bias.shape[1]] += blk.bias[:, None]
             # softmax over [cache | chunk] keys; the 1/sum is applied to the output rows
-            top = s.max(axis=-1, keepdims=True)
-            s -= top
-            xp.exp(s, out=s)
-            z = s.sum(axis=-1, keepdims=True)                              # [kv, rows, 1]
+            fill(blk, s)
+            top = None
+            if xp is np:  # (the check would make a GPU wait for every block)
+                xp.exp(s, out=s)
+                z = s.sum(axis=-1, keepdims=True)                          # [kv, rows, 1]
+                if not exp_sums_in_range(z):
+                    fill(blk, s)  # (rare) a row beyond exp's reach unshifted: scores again
+                    top = s.max(axis=-1, keepdims=True)
+            else:
+                top = s.max(axis=-1, keepdims=True)
+            if top is not None:
+                s -= top
+                xp.exp(s, out=s)
+                z = s.sum(axis=-1, keepdims=True)
             if last_lse is not None and b == n_q:  # the last query's rows are the last group
-                last_lse[...] = (top + xp.log(z))[:, -group:, 0]
+                lse = xp.log(z) if top is None else top + xp.log(z)
+                last_lse[...] = lse[:, -group:, 0]
             o = s[..., n:] @ v[:, lo:b]                                    # [kv, rows, d]
             if n:
                 o += s[..., :n] @ v_cache[:, :n]

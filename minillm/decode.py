@@ -17,7 +17,8 @@ for a step of B sessions, one new token each:
   once per step;
 - per layer, each session's attention is two products over its own cache (scores, values);
   the sessions a thread takes have their scores side by side in one row (`Part`, within the
-  query-block score budget), whose mask, max, exp and sum are one call each.
+  query-block score budget), whose mask, exp and sum are one call each (the exp unshifted
+  where the sums allow: attention.exp_sums_in_range).
 
 The math is the chunk path's, in the same order where it matters (scores over [cache | own
 key], one softmax, values): the logits agree to float32 rounding (tests hold them to 1e-5).
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import parallel
+from .attention import exp_sums_in_range
 from .cache import KVCache, StagedChunk, WritePlan
 from .errors import MiniLLMError
 from .middle import MiddleAttention
@@ -323,21 +325,11 @@ def _layer(x: np.ndarray, lw, layer: int, queries: list[Query], shares: list[lis
     x += step.product(g, lw.w_down, step.mlp_out[:b_rows])
 
 
-def _attend(part: Part, layer: int, q: np.ndarray, q_rot: np.ndarray, k_rot: np.ndarray,
-            v: np.ndarray, out: np.ndarray, step: Step, worker: int) -> None:
-    """The attention of a part's queries, each over [its cache's slots | its own key], into
-    their rows of out [B, H d]: the scores of all of them in one row, so that the mask, the
-    max, the exp and the sum are one call each for the part (the shift by each query's max,
-    one per query).
-
-    q: [B, H, d] un-rotated (the capped branch, top-k); q_rot: [B, H, d] rotated and
-    pre-scaled; k_rot, v: [B, K, d] the new keys (rotated) and values.
-    """
-    cfg, rows, m = step.cfg, part.rows, len(part.queries)
-    n_kv, d = cfg.n_kv_heads, cfg.head_dim
-    group = cfg.n_heads // n_kv
-    size = n_kv * group * part.total
-    s = step.work.scores(size, worker).reshape(n_kv, group, part.total)
+def _fill_scores(part: Part, layer: int, q: np.ndarray, q_rot: np.ndarray, k_rot: np.ndarray,
+                 s: np.ndarray, group: int) -> None:
+    """The part's masked scores into s [K, group, part.total] (see _attend)."""
+    rows, m, d = part.rows, len(part.queries), q.shape[-1]
+    n_kv = s.shape[0]
     qg = q_rot[rows].reshape(m, n_kv, group, d)
     for j, (query, first) in enumerate(zip(part.queries, part.offsets)):
         n, cache = query.n, query.cache
@@ -351,11 +343,34 @@ def _attend(part: Part, layer: int, q: np.ndarray, q_rot: np.ndarray, k_rot: np.
     s[..., part.own] = own_scores[..., 0].transpose(1, 2, 0)
     if part.masked is not None:
         s[..., part.masked] = -np.inf
-    top = np.maximum.reduceat(s, part.offsets, axis=-1)      # [K, group, m]
-    for j, (first, own) in enumerate(zip(part.offsets, part.own)):
-        s[..., first:own + 1] -= top[..., j:j + 1]
+
+
+def _attend(part: Part, layer: int, q: np.ndarray, q_rot: np.ndarray, k_rot: np.ndarray,
+            v: np.ndarray, out: np.ndarray, step: Step, worker: int) -> None:
+    """The attention of a part's queries, each over [its cache's slots | its own key], into
+    their rows of out [B, H d]: the scores of all of them in one row, so that the mask, the
+    exp and the sum are one call each for the part. The exp is taken unshifted where every
+    query's sum allows (attention.exp_sums_in_range), else the scores are made again and
+    shifted by each query's maximum (one call per query).
+
+    q: [B, H, d] un-rotated (the capped branch, top-k); q_rot: [B, H, d] rotated and
+    pre-scaled; k_rot, v: [B, K, d] the new keys (rotated) and values.
+    """
+    cfg, rows, m = step.cfg, part.rows, len(part.queries)
+    n_kv, d = cfg.n_kv_heads, cfg.head_dim
+    group = cfg.n_heads // n_kv
+    s = step.work.scores(n_kv * group * part.total, worker).reshape(n_kv, group, part.total)
+    _fill_scores(part, layer, q, q_rot, k_rot, s, group)
     np.exp(s, out=s)
-    z = np.add.reduceat(s, part.offsets, axis=-1)
+    z = np.add.reduceat(s, part.offsets, axis=-1)                # [K, group, m]
+    top = None
+    if not exp_sums_in_range(z):  # (rare) a query beyond exp's reach unshifted: shift each
+        _fill_scores(part, layer, q, q_rot, k_rot, s, group)   # by its own maximum
+        top = np.maximum.reduceat(s, part.offsets, axis=-1)
+        for j, (first, own) in enumerate(zip(part.offsets, part.own)):
+            s[..., first:own + 1] -= top[..., j:j + 1]
+        np.exp(s, out=s)
+        z = np.add.reduceat(s, part.offsets, axis=-1)
     o = out[rows].reshape(m, n_kv, group, d)
     for j, (query, first) in enumerate(zip(part.queries, part.offsets)):
         n = query.n
@@ -364,7 +379,7 @@ def _attend(part: Part, layer: int, q: np.ndarray, q_rot: np.ndarray, k_rot: np.
     o /= z.transpose(2, 0, 1)[..., None]
     for j, query in enumerate(part.queries):
         if query.top_k and query.middle.stores(layer):
-            lse = top[..., j] + np.log(z[..., j])
+            lse = np.log(z[..., j]) if top is None else top[..., j] + np.log(z[..., j])
             query.middle.attend_last_row(layer, query.position,
                                          q[rows.start + j].reshape(n_kv, group, d),
                                          out[rows.start + j], lse, np)

@@ -13,10 +13,12 @@ from helpers import (
     causal_reference_logits,
     lambda_reference_logits,
     make_session,
+    make_tiny_model,
     rng_ids,
 )
 
 import minillm
+from minillm import attention, decode
 from minillm.attention import AttentionSpec, lambda_mask
 from minillm.cache import EMPTY
 from minillm.session import AttentionWarning
@@ -42,6 +44,47 @@ def test_matches_dense_reference(tiny_dir, name, preset, n_global, n_local, ceil
     c = session.spec.ceiling
     ref = lambda_reference_logits(torch_model, ids, session.spec.n_global, n_local, c)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tmp_path_factory):
+    """The gqa tiny model with its queries and keys 26x longer: the sums of exp of some rows'
+    unshifted scores reach e^61 (those rows must be shifted by their maximum), others stay
+    within 2^64 (they are not)."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny_sharp")
+    torch_model = make_tiny_model(folder, "gqa")
+    with torch.no_grad():
+        for layer in torch_model.model.layers:
+            layer.self_attn.q_proj.weight *= 26
+            layer.self_attn.k_proj.weight *= 26
+    torch_model.save_pretrained(folder)
+    return minillm.load(folder, backend=BACKEND), torch_model
+
+
+@pytest.mark.parametrize("preset,n_global,n_local,ceiling", SETTINGS)
+@pytest.mark.parametrize("chunk_size", [4, 1])  # query blocks, decode steps
+def test_scores_beyond_exp_range_match_the_reference(sharp_model, monkeypatch, preset, n_global,
+                                                      n_local, ceiling, chunk_size):
+    """Softmax rows the unshifted exp cannot hold are shifted by their maximum, the others not
+    (attention.exp_sums_in_range); both kinds occur here, in chunks and in decode steps."""
+    model, torch_model = sharp_model
+    seen, check = [], attention.exp_sums_in_range
+
+    def spied(z):
+        seen.append(check(z))
+        return seen[-1]
+    monkeypatch.setattr(attention, "exp_sums_in_range", spied)
+    monkeypatch.setattr(decode, "exp_sums_in_range", spied)
+    ids = rng_ids(3 * n_local + 7, model.config.vocab_size, seed=3)
+    session = make_session(model, preset, n_global, n_local, ceiling)
+    ours = session.feed(ids, chunk_size=chunk_size)
+    if BACKEND == "numpy":
+        assert True in seen and False in seen
+    ref = lambda_reference_logits(torch_model, ids, session.spec.n_global, n_local,
+                                  session.spec.ceiling)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-5)
 
 
 def test_reference_differs_from_causal(tiny_dir):
