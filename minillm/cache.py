@@ -17,6 +17,7 @@ preset: the arrays grow (doubling).
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ from .workspace import NLL_ROWS, TYPICAL_CHUNK, score_budget
 
 EMPTY = np.iinfo(np.int64).max  # position of an unused slot: in the future of every query
 FULL_INITIAL_SLOTS = 1024
+SMALL_PAGES_FROM = 4 << 20  # bytes: smaller arrays are never given huge pages anyway
 
 
 def cache_shapes(cfg: Config, n_global: int, n_local: int | None) -> dict[str, tuple[int, ...]]:
@@ -94,6 +96,23 @@ def out_of_memory(need: int, have: int | None, xp=np) -> MiniLLMError:
                         f"attention preset)")
 
 
+def zeros(shape: tuple[int, ...], xp) -> Array:
+    """A zeroed float32 cache array. On the host, a large one is an anonymous mapping in 4 KB
+    pages: a chunk's first slots lie in every row of the keys' [head_dim, slots] layout (and
+    in every [slots, head_dim] block of the values), so in the huge pages NumPy asks for,
+    a new session's first chunk had the kernel zero the whole cache (378 MB for SmolLM2's 8K
+    window, over 100 ms on a 512-token chunk); in small pages only the pages written are."""
+    n_bytes = 4 * math.prod(shape)
+    if xp is not np or n_bytes < SMALL_PAGES_FROM or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return xp.zeros(shape, dtype=xp.float32)
+    try:
+        pages = mmap.mmap(-1, n_bytes)  # zero-filled, faulted in page by page as it is written
+    except OSError as e:  # (ENOMEM under an address-space limit) as NumPy would report it
+        raise MemoryError(f"cannot map {n_bytes:,} bytes: {e.strerror}") from None
+    pages.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(pages, dtype=np.float32).reshape(shape)
+
+
 @dataclass(frozen=True)
 class WritePlan:
     """Where a chunk's keys go; indices as slices where they run contiguously (the usual
@@ -133,9 +152,9 @@ class KVCache:
     def __init__(self, cfg: Config, n_global: int, n_local: int | None, xp):
         self.n_global, self.n_local, self.xp = n_global, n_local, xp
         shapes = cache_shapes(cfg, n_global, n_local)  # also what session_bytes counts
-        self.k = xp.zeros(shapes["k"], dtype=xp.float32)
-        self.v = xp.zeros(shapes["v"], dtype=xp.float32)
-        self.k_raw = xp.zeros(shapes["k_raw"], dtype=xp.float32)
+        self.k = zeros(shapes["k"], xp)
+        self.v = zeros(shapes["v"], xp)
+        self.k_raw = zeros(shapes["k_raw"], xp)
         self.pos = np.full(shapes["k"][-1], EMPTY, dtype=np.int64)
         self.length = 0  # positions written so far
 
@@ -171,8 +190,8 @@ class KVCache:
         need = (self.k.nbytes + self.v.nbytes) // old * size
         check_memory(need, xp)  # the `full` preset outgrowing memory: one line, not a crash
         try:
-            k = xp.zeros(self.k.shape[:3] + (size,), dtype=self.k.dtype)
-            v = xp.zeros(self.v.shape[:2] + (size,) + self.v.shape[3:], dtype=self.v.dtype)
+            k = zeros(self.k.shape[:3] + (size,), xp)
+            v = zeros(self.v.shape[:2] + (size,) + self.v.shape[3:], xp)
         except MemoryError:
             raise out_of_memory(need, available_bytes(xp), xp) from None
         k[..., :old] = self.k

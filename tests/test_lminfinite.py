@@ -6,6 +6,8 @@ transformers' rotated q/k, global scores from q rotated at the ceiling against u
 and the Λ mask written out in full.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from helpers import (
@@ -20,7 +22,7 @@ from helpers import (
 import minillm
 from minillm import attention, decode
 from minillm.attention import AttentionSpec, lambda_mask
-from minillm.cache import EMPTY
+from minillm.cache import EMPTY, zeros
 from minillm.session import AttentionWarning
 
 SETTINGS = [  # (preset, n_global, n_local, ceiling); ceiling None = preset default
@@ -154,6 +156,26 @@ def test_constant_memory(tiny_model, preset):
     s.feed(ids[2 * n_local:], chunk_size=4, logits="none")
     assert s.position == 20 * n_local
     assert s.nbytes == before
+
+
+def rss_anon() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/self/status")
+def test_a_new_cache_takes_memory_only_where_it_is_written():
+    """A chunk's first slots lie in every row of the keys' [head_dim, slots] layout: only the
+    pages holding them become resident, not the whole cache (as in huge pages, zeroed whole)."""
+    keys = zeros((4, 64, 1 << 16), np)  # 64 MB: 256 rows of 65,536 slots
+    before = rss_anon()
+    keys[..., :16] = 1.0
+    grown = rss_anon() - before
+    assert grown < keys.nbytes // 16, f"{grown:,} bytes resident after writing 16 slots a row"
+    assert keys.dtype == np.float32 and keys.flags.writeable
+    assert not keys[..., 16:].any() and keys[..., :16].all()
 
 
 def test_full_preset_grows_and_warns(tiny_model):

@@ -314,6 +314,21 @@ def test_a_memory_error_while_allocating_is_the_same_line(tiny_model, monkeypatc
         tiny_model.session(n_local=32)
 
 
+def test_a_cache_mapping_refused_is_the_same_line(tiny_model, monkeypatch):
+    """The cache's small-page mapping (minillm.cache.zeros) failing, as under an address-space
+    limit, is a MemoryError like NumPy's, so the session reports it the same way."""
+    from minillm.session import AttentionWarning
+
+    def refused(*args):
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr("minillm.cache.available_bytes", lambda xp: None)
+    monkeypatch.setattr("minillm.cache.mmap.mmap", refused)
+    # (a window past the tiny model's training length warns); keys of 2 x 2 heads x 16: 16 MB
+    with pytest.warns(AttentionWarning), \
+            pytest.raises(MiniLLMError, match="the session needs .* GB"):
+        tiny_model.session(n_local=1 << 16)
+
+
 def assert_estimate_holds(model, n_global, n_local):
     """The cache exactly; with the workspace grown by a 512-token chunk, within 1% (a buffer
     the forward pass adds must be counted in minillm.cache.workspace_bytes too)."""
