@@ -453,14 +453,16 @@ def report(summary: dict) -> str:
         if floor_of:  # the machine's ceiling beside each target: minillm / its floor
             head, rule = head + " minillm / floor |", rule + "---|"
         lines += ["", head, rule]
-        targets = [(f"prompt_{n}_tps", [e for e in engines if e != "minillm"]) for n in PROMPTS]
-        targets += [("score_tps", ["transformers"]), ("decode_tps", ["llama.cpp"])]
-        for m, peers in targets:
+        # (metric, the peers it is held against, the ratio aimed at: issue 14's targets)
+        targets = [(f"prompt_{n}_tps", [e for e in engines if e != "minillm"], 1.0)
+                   for n in PROMPTS]
+        targets += [("score_tps", ["transformers"], 1.0), ("decode_tps", ["llama.cpp"], 0.9)]
+        for m, peers, aim in targets:
             peers = [p for p in peers if p in med]
             if not peers:
                 continue
             best = max(peers, key=lambda p: med[p][m])
-            row = (f"| {m} >= 1.0x {best} | {mine[m]:.1f} | {med[best][m]:.1f} | "
+            row = (f"| {m} >= {aim:.1f}x {best} | {mine[m]:.1f} | {med[best][m]:.1f} | "
                    f"{mine[m] / med[best][m]:.2f}x |")
             if floor_of:
                 name, floor = floor_of.get(m, ("", None))
